@@ -1,0 +1,150 @@
+"""Population-based planning in latent space, batched over environments.
+
+`PopulationPlanner` does everything MPPI and CEM share (TD-MPC2, §3.2 and App. A): policy
+prior candidates, Gaussian candidates around a per-env warm-started mean, scoring by
+model rollouts plus a terminal value, elite selection, and action selection. Subclasses
+override only `_refit`, the distribution update (the split used by mbrl-lib's
+trajectory optimizers).
+
+Shapes: z [E, L], is_first [E] -> action [E, A]; candidates [H, E, N, A]; scores [E, N];
+warm-start mean [E, H, A].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class PopulationPlanner:
+    """Shared sampling, scoring, warm start and action selection.
+
+    Args:
+        model: the world model (verbs `next`, `reward`, `decode`, `pi`, `Q`).
+        action_dim: A.
+        discount: gamma used to score sequences.
+        horizon: H, planning horizon.
+        num_samples: N, candidate sequences per env (policy ones included).
+        num_pi_trajs: candidates obtained by rolling out the policy prior.
+        num_elites: elites kept per iteration.
+        iterations: refinement iterations (`iterations_large_action` when A >= 20).
+        min_std, max_std: std clip; the std starts at max_std.
+        deterministic_eval: in evaluation take the best elite's first action instead of
+            sampling an elite.
+    """
+
+    def __init__(self, model, action_dim: int, discount: float, *, horizon: int = 3,
+                 num_samples: int = 512, num_pi_trajs: int = 24, num_elites: int = 64,
+                 iterations: int = 6, iterations_large_action: int = 8,
+                 min_std: float = 0.05, max_std: float = 2.0, deterministic_eval: bool = True):
+        if not 0 < num_elites <= num_samples:
+            raise ValueError(f"num_elites must be in (0, num_samples], got {num_elites}")
+        if not 0 <= num_pi_trajs < num_samples:
+            raise ValueError(f"num_pi_trajs must be in [0, num_samples), got {num_pi_trajs}")
+        self.model = model
+        self.action_dim = action_dim
+        self.discount = discount
+        self.horizon, self.num_samples, self.num_pi_trajs = horizon, num_samples, num_pi_trajs
+        self.num_elites = num_elites
+        self.iterations = iterations_large_action if action_dim >= 20 else iterations
+        self.min_std, self.max_std = min_std, max_std
+        self.deterministic_eval = deterministic_eval
+        # Warm-start means per stream ("train" / "eval"): [E, H, A].
+        self._prev_mean: dict[str, torch.Tensor] = {}
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"prev_mean": {k: v.clone() for k, v in self._prev_mean.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._prev_mean = {k: v.clone() for k, v in state["prev_mean"].items()}
+
+    def _warm_start(self, stream: str, is_first: torch.Tensor, E: int, device) -> torch.Tensor:
+        """Previous mean shifted by one step (zero tail), cleared where is_first."""
+        prev = self._prev_mean.get(stream)
+        mean = torch.zeros(E, self.horizon, self.action_dim, device=device)  # [E, H, A]
+        if prev is not None and prev.shape == mean.shape:
+            mean[:, :-1] = prev[:, 1:]
+            mean = mean * (~is_first.to(device)).view(E, 1, 1).to(mean.dtype)
+        return mean
+
+    # -- scoring ----------------------------------------------------------------------
+    @torch.no_grad()
+    def _score(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Sum_t gamma^t r_t + gamma^H Q(z_H, pi(z_H)).
+
+        Shapes: z [E, N, L], actions [H, E, N, A] -> [E, N].
+        """
+        G = torch.zeros(z.shape[:-1] + (1,), device=z.device)  # [E, N, 1]
+        discount = 1.0
+        for t in range(self.horizon):
+            r = self.model.decode(self.model.reward(z, actions[t]))  # [E, N, 1]
+            z = self.model.next(z, actions[t])  # [E, N, L]
+            G = G + discount * r
+            discount *= self.discount
+        a, _ = self.model.pi(z)
+        G = G + discount * self.model.Q(z, a, return_type="avg")  # [E, N, 1]
+        return G.squeeze(-1).nan_to_num(0.0)  # [E, N]
+
+    def _policy_candidates(self, z: torch.Tensor) -> torch.Tensor:
+        """Roll the policy prior through the dynamics.  z [E, L] -> [H, E, P, A]."""
+        E, P = z.shape[0], self.num_pi_trajs
+        zp = z.unsqueeze(1).expand(E, P, z.shape[-1])  # [E, P, L]
+        out = []
+        for t in range(self.horizon):
+            a, _ = self.model.pi(zp)  # [E, P, A]
+            out.append(a)
+            if t < self.horizon - 1:
+                zp = self.model.next(zp, a)
+        return torch.stack(out)  # [H, E, P, A]
+
+    # -- the update rule ----------------------------------------------------------------
+    def _refit(self, elite_scores: torch.Tensor, elite_actions: torch.Tensor,
+               mean: torch.Tensor):
+        """New (mean [E, H, A], std [E, H, A], weights [E, K]) from the elites.
+
+        elite_scores [E, K], elite_actions [H, E, K, A], mean [E, H, A] (the current one).
+        """
+        raise NotImplementedError
+
+    # -- planning ---------------------------------------------------------------------
+    @torch.no_grad()
+    def plan(self, z: torch.Tensor, is_first: torch.Tensor, *, eval_mode: bool = False) -> torch.Tensor:
+        E, device = z.shape[0], z.device
+        H, N, P, A = self.horizon, self.num_samples, self.num_pi_trajs, self.action_dim
+        stream = "eval" if eval_mode else "train"
+        actions = torch.empty(H, E, N, A, device=device)  # [H, E, N, A]
+        if P > 0:
+            actions[:, :, :P] = self._policy_candidates(z)
+        zN = z.unsqueeze(1).expand(E, N, z.shape[-1])  # [E, N, L]
+        mean = self._warm_start(stream, is_first, E, device)  # [E, H, A]
+        std = torch.full_like(mean, self.max_std)  # [E, H, A]
+        for _ in range(self.iterations):
+            noise = torch.randn(H, E, N - P, A, device=device)
+            sample = mean.transpose(0, 1).unsqueeze(2) + std.transpose(0, 1).unsqueeze(2) * noise
+            actions[:, :, P:] = sample.clamp(-1, 1)  # [H, E, N-P, A]
+            scores = self._score(zN, actions)  # [E, N]
+            elite_scores, idx = torch.topk(scores, self.num_elites, dim=1)  # [E, K]
+            elite_actions = torch.gather(
+                actions, 2, idx.view(1, E, -1, 1).expand(H, E, -1, A))  # [H, E, K, A]
+            mean, std, weights = self._refit(elite_scores, elite_actions, mean)
+            std = std.clamp(self.min_std, self.max_std)
+        # Action selection
+        if eval_mode and self.deterministic_eval:
+            pick = elite_scores.argmax(dim=1)  # [E]
+        else:
+            pick = torch.multinomial(weights, 1).squeeze(1)  # [E]
+        chosen = elite_actions[:, torch.arange(E, device=device), pick]  # [H, E, A]
+        a = chosen[0]  # [E, A]
+        if not eval_mode:
+            a = a + std[:, 0] * torch.randn(E, A, device=device)
+        self._prev_mean[stream] = mean
+        self.last_stats = {
+            "chosen_value": elite_scores.gather(1, pick.unsqueeze(1)).mean(),
+            "elite_mean": elite_scores.mean(),
+            "elite_std": elite_scores.std(),
+            "final_std": std[:, 0].mean(),
+        }
+        return a.clamp(-1, 1)

@@ -1,0 +1,1 @@
+"""Replay storage: whole-episode buffers with episode-aware slice sampling."""

@@ -1,0 +1,1 @@
+"""Pipelines and their `python -m runners.X` entry points."""

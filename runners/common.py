@@ -1,0 +1,79 @@
+"""Shared plumbing of the `python -m runners.X` entry points.
+
+Flags (every runner): `--gin_file` (repeatable), `--gin_param` (repeatable; Dopamine's
+`--gin_bindings` spelling is accepted too), `--run_dir`, `--list_components`. Errors in
+user input end the process with one clear message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from rlcore.config import ConfigError, load_gin
+
+CONFIG_FILE = "config.gin"
+
+_log = logging.getLogger("runners")
+
+
+class RunError(RuntimeError):
+    """A problem with a run (directory, checkpoint, training) that the user must fix."""
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--gin_file", action="append", default=[],
+                   help="gin file (repeatable; later files override earlier ones)")
+    p.add_argument("--gin_param", "--gin_bindings", dest="gin_param", action="append",
+                   default=[], help="gin binding, e.g. 'OnlineRunner.seed = 2' (repeatable)")
+    p.add_argument("--run_dir", default=None, help="run directory (an existing one resumes)")
+    p.add_argument("--list_components", action="store_true",
+                   help="list registered components with their parameters and defaults")
+    return p
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """CUDA when present, else CPU; `device` other than `auto` overrides."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def config_files_for(run_dir: str | None, gin_files: Sequence[str]) -> list[str]:
+    """The gin files to load: those given, or a resumed run's saved config.gin."""
+    if gin_files:
+        return list(gin_files)
+    if run_dir and (Path(run_dir) / CONFIG_FILE).exists():
+        return [str(Path(run_dir) / CONFIG_FILE)]
+    raise ConfigError("no --gin_file given (and no config.gin in --run_dir to resume from). "
+                      "Pass e.g. --gin_file=gin/tdmpc2_dog.gin")
+
+
+def list_components() -> str:
+    import components
+    from rlcore import registry
+
+    components.import_all()
+    return registry.describe()
+
+
+def main(argv: Sequence[str] | None, description: str, run: Callable[[argparse.Namespace], int]) -> int:
+    """Parse flags, load gin, call `run(args)`; map user errors to exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    args = make_parser(description).parse_args(argv)
+    if args.list_components:
+        sys.stdout.write(list_components() + "\n")
+        return 0
+    try:
+        load_gin(config_files_for(args.run_dir, args.gin_file), args.gin_param, finalize=False)
+        return run(args)
+    except (ConfigError, RunError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2

@@ -1,0 +1,334 @@
+"""The gin-configurable pipelines. Entry points in `runners/*.py` stay thin.
+
+`OnlineRunner` reads top to bottom like a CleanRL loop: collect with the agent over E
+envs, seed with random actions, pretrain, then a fixed number of updates per env step,
+evaluate, checkpoint. Helpers do the work; `run` shows the schedule.
+
+Run directory:
+
+    run_dir/
+      config.gin          operative gin config (resume and evaluation rebuild from it)
+      run.json            env spec, seed, device, versions
+      eval.csv            step,reward,seed,... (env steps, like ../shared/reference)
+      tb/                 TensorBoard events
+      checkpoints/step_<n>/{state.pt, COMPLETE}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import gin
+import numpy as np
+import torch
+from tensordict import TensorDict
+
+from rlcore.checkpointing import CheckpointError, Checkpointer
+from rlcore.logging import MetricLogger
+from rlcore.seeding import rng_state, seed_everything, set_rng_state
+from rlcore.types import (ACTION, DONE, EPISODE, NEXT_EPISODE, NEXT_OBS, OBS, REWARD,
+                          TERMINATED, EnvSpec)
+from runners.common import CONFIG_FILE, RunError, select_device
+
+_log = logging.getLogger("runners")
+
+
+def _strip_comments(text: str) -> list[str]:
+    return [ln.rstrip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+class EpisodeBuilder:
+    """Collects the rows of the E in-flight episodes; hands back each one as it ends.
+
+    Rows follow the arrival convention: the first row holds the first observation with a
+    NaN action and reward.
+    """
+
+    def __init__(self, num_envs: int):
+        self.rows: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(num_envs)]
+
+    def start(self, i: int, obs: torch.Tensor, episode: torch.Tensor, action_dim: int) -> None:
+        self.rows[i] = [{OBS: obs, ACTION: torch.full((action_dim,), float("nan")),
+                         REWARD: torch.tensor(float("nan")), TERMINATED: torch.tensor(False),
+                         EPISODE: episode}]
+
+    def append(self, i: int, obs, action, reward, terminated, episode) -> None:
+        self.rows[i].append({OBS: obs, ACTION: action, REWARD: reward,
+                             TERMINATED: terminated, EPISODE: episode})
+
+    def finish(self, i: int) -> TensorDict:
+        rows = self.rows[i]
+        return TensorDict({k: torch.stack([r[k] for r in rows]) for k in rows[0]},
+                          batch_size=[len(rows)])
+
+
+@gin.configurable
+class OnlineRunner:
+    """Online TD-MPC2 training: envs -> agent -> replay -> updates, with evaluation.
+
+    Args:
+        run_dir: where the run lives; an existing run directory is resumed.
+        env, agent, replay: gin references (classes), built with run-time values.
+        seed: the run's seed.
+        total_env_steps: env steps of the run, summed over envs (action repeat included).
+        seed_steps: agent steps (summed over envs) of uniform random actions before the
+            first update; None means max(1000, 5 * episode_length) (SPEC §6).
+        utd_ratio: updates per agent step per env after seeding.
+        eval_every: env steps between evaluations (0 disables periodic evaluation).
+        eval_episodes: episodes per evaluation (run as parallel eval envs).
+        eval_policy_prior: also evaluate the policy prior alone.
+        checkpoint_every: env steps between checkpoints (one is always written at the end).
+        log_every: updates between logged update metrics.
+        device: `auto` (CUDA when present), `cpu`, `cuda`, ...
+        num_threads: torch CPU threads (None leaves torch's default).
+        progress: show a progress bar.
+    """
+
+    def __init__(self, run_dir: str, *, env: Callable[..., Any], agent: Callable[..., Any],
+                 replay: Callable[..., Any], seed: int = 1, total_env_steps: int = 1_000_000,
+                 seed_steps: int | None = None, utd_ratio: float = 1.0,
+                 eval_every: int = 50_000, eval_episodes: int = 10,
+                 eval_policy_prior: bool = True, checkpoint_every: int = 100_000,
+                 keep_checkpoints: int = 2, log_every: int = 100, device: str = "auto",
+                 num_threads: int | None = None, progress: bool = True):
+        if utd_ratio <= 0:
+            raise RunError(f"OnlineRunner.utd_ratio must be > 0, got {utd_ratio}")
+        if total_env_steps <= 0:
+            raise RunError(f"OnlineRunner.total_env_steps must be > 0, got {total_env_steps}")
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.run_dir = Path(run_dir)
+        self.seed, self.total_env_steps, self.utd_ratio = seed, total_env_steps, utd_ratio
+        self.eval_every, self.eval_episodes = eval_every, eval_episodes
+        self.eval_policy_prior = eval_policy_prior
+        self.checkpoint_every, self.log_every, self.progress = checkpoint_every, log_every, progress
+        self.device = select_device(device)
+        seed_everything(seed)
+        # Build everything before anything is written, so a bad config fails cleanly.
+        self.env = env(seed=seed)
+        self.spec: EnvSpec = self.env.spec
+        self._env_factory = env
+        self.agent = agent(self.spec, self.device)
+        self.replay = replay(self.spec, seed=seed, device=self.device)
+        self.seed_steps = seed_steps if seed_steps is not None else max(
+            1000, 5 * self.spec.episode_length)
+        self.eval_env = env(num_envs=eval_episodes, seed=seed + 100_000) \
+            if eval_every or eval_episodes else None
+        self.operative_config = gin.operative_config_str()
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=keep_checkpoints)
+        self._check_run_dir()
+        # Counters (env steps include the action repeat and are summed over envs).
+        self.env_step = 0
+        self.agent_steps = 0
+        self.num_updates = 0
+        self.pretrained = False
+        self.update_credit = 0.0
+        self.last_eval_step = -1
+        self.next_eval = eval_every if eval_every else math.inf
+        self.next_checkpoint = checkpoint_every if checkpoint_every else math.inf
+
+    # -- run directory ----------------------------------------------------------------
+    def _check_run_dir(self) -> None:
+        saved = self.run_dir / CONFIG_FILE
+        if saved.exists() and _strip_comments(saved.read_text()) != _strip_comments(
+                self.operative_config):
+            new = set(_strip_comments(self.operative_config))
+            old = set(_strip_comments(saved.read_text()))
+            diff = [f"  - {ln}" for ln in sorted(old - new)] + [f"  + {ln}" for ln in sorted(new - old)]
+            raise RunError(
+                f"--run_dir {self.run_dir} holds a run with a different config:\n"
+                + "\n".join(diff[:20]) + "\nResume it with its own config (pass no --gin_file, "
+                "or the same files and bindings), or choose a new --run_dir.")
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.run_dir / CONFIG_FILE
+        if not cfg.exists():
+            tmp = cfg.with_suffix(".tmp")
+            tmp.write_text(self.operative_config)
+            tmp.replace(cfg)
+        meta = {"spec": self.spec.to_dict(), "seed": self.seed, "device": str(self.device),
+                "torch": torch.__version__}
+        (self.run_dir / "run.json").write_text(json.dumps(meta, indent=2))
+
+    # -- checkpoints ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent.state_dict(),
+            "replay": self.replay.state_dict(),
+            "env": self.env.state_dict() if hasattr(self.env, "state_dict") else {},
+            "counters": {"env_step": self.env_step, "agent_steps": self.agent_steps,
+                         "num_updates": self.num_updates, "pretrained": self.pretrained,
+                         "update_credit": self.update_credit,
+                         "last_eval_step": self.last_eval_step,
+                         "next_eval": self.next_eval, "next_checkpoint": self.next_checkpoint},
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.agent.load_state_dict(state["agent"])
+        self.replay.load_state_dict(state["replay"])
+        if state.get("env") and hasattr(self.env, "load_state_dict"):
+            self.env.load_state_dict(state["env"])
+        for k, v in state["counters"].items():
+            setattr(self, k, v)
+        set_rng_state(state["rng"])
+
+    def _maybe_resume(self) -> None:
+        if self.checkpointer.latest() is None:
+            return
+        try:
+            state = self.checkpointer.load()
+        except CheckpointError as e:
+            raise RunError(str(e)) from None
+        self.load_state_dict(state)
+        _log.info("resumed %s from env step %d (%d updates)", self.run_dir, self.env_step,
+                  self.num_updates)
+
+    def save(self) -> None:
+        self.checkpointer.save(self.env_step, self.state_dict())
+
+    # -- phases -----------------------------------------------------------------------
+    def _collect(self, obs: torch.Tensor, is_first: torch.Tensor, builder: EpisodeBuilder,
+                 timers: dict[str, float]):
+        """One agent step in each of the E envs; finished episodes go to the replay."""
+        t0 = time.perf_counter()
+        if self.agent_steps < self.seed_steps:
+            action = torch.rand(self.spec.num_envs, self.spec.action_dim) * 2 - 1  # [E, A]
+        else:
+            action = self.agent.act(obs, is_first)  # [E, A]
+        t1 = time.perf_counter()
+        td = self.env.step(action)
+        t2 = time.perf_counter()
+        timers["plan"] += t1 - t0
+        timers["env"] += t2 - t1
+        self.agent_steps += self.spec.num_envs
+        self.env_step += self.spec.num_envs * self.spec.action_repeat
+        for i in range(self.spec.num_envs):
+            builder.append(i, td[OBS][i], action[i], td[REWARD][i], td[TERMINATED][i],
+                           td[EPISODE][i])
+            if td[DONE][i]:
+                episode = builder.finish(i)
+                self.replay.add(episode)
+                ret = float(episode[REWARD][1:].sum())
+                self.logger.episode(ret, len(episode) - 1, self.env_step)
+                builder.start(i, td[NEXT_OBS][i], td[NEXT_EPISODE][i], self.spec.action_dim)
+        return td[NEXT_OBS], td[DONE].clone()
+
+    def _num_updates_due(self) -> int:
+        if self.agent_steps < self.seed_steps or self.replay.num_episodes == 0:
+            return 0
+        if not self.pretrained:
+            self.pretrained = True
+            _log.info("pretraining: %d updates on %d seed steps", self.seed_steps,
+                      self.agent_steps)
+            return self.seed_steps
+        self.update_credit += self.spec.num_envs * self.utd_ratio
+        n = int(self.update_credit)
+        self.update_credit -= n
+        return n
+
+    def _update(self, n: int, timers: dict[str, float]) -> None:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            metrics = self.agent.update(self.replay.sample())
+            self.num_updates += 1
+            if self.num_updates % self.log_every == 0:
+                self._log_update(metrics)
+        timers["update"] += time.perf_counter() - t0
+
+    def _log_update(self, metrics: TensorDict) -> None:
+        values = {k: v for k, v in metrics.items()}
+        bad = [k for k, v in values.items() if k.startswith("loss_") and not torch.isfinite(v)]
+        if bad:
+            raise RunError(
+                f"non-finite loss at update {self.num_updates} (env step {self.env_step}): "
+                f"{', '.join(bad)}. The last checkpoint in {self.checkpointer.directory} is "
+                "intact; lower the learning rate or check the rewards/observations, then resume.")
+        self.logger.scalars("loss", {k: v for k, v in values.items() if k.startswith("loss_")},
+                            self.env_step)
+        self.logger.scalars("train", {k.split("/", 1)[1]: v for k, v in values.items()
+                                      if k.startswith("stats/")}, self.env_step)
+        self.logger.scalars("train", {"num_updates": self.num_updates}, self.env_step)
+        if self.agent.planner.last_stats:
+            self.logger.scalars("plan", self.agent.planner.last_stats, self.env_step)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """E_eval episodes with the deterministic planner (and the policy prior alone)."""
+        results: dict[str, float] = {}
+        modes = [("reward", True)] + ([("reward_policy", False)] if self.eval_policy_prior else [])
+        for name, use_planner in modes:
+            returns, lengths = _run_episodes(self.eval_env, self.agent, use_planner)
+            results[name] = float(np.mean(returns))
+            if name == "reward":
+                results["reward_std"] = float(np.std(returns))
+                results["episode_length"] = float(np.mean(lengths))
+        self.logger.eval(self.env_step, results["reward"],
+                         **{k: v for k, v in results.items() if k != "reward"})
+        self.last_eval_step = self.env_step
+        _log.info("eval at env step %d: %s", self.env_step,
+                  ", ".join(f"{k}={v:.1f}" for k, v in results.items()))
+        return results
+
+    # -- the schedule -----------------------------------------------------------------
+    def run(self) -> None:
+        self._maybe_resume()
+        self._write_run_files()
+        self.logger = MetricLogger(self.run_dir, total_steps=self.total_env_steps, seed=self.seed,
+                                   progress=self.progress, resume_step=self.env_step)
+        if self.env_step == 0:
+            self.logger.config(self.operative_config)
+        timers = {"env": 0.0, "plan": 0.0, "update": 0.0}
+        builder = EpisodeBuilder(self.spec.num_envs)
+        td = self.env.reset()
+        for i in range(self.spec.num_envs):
+            builder.start(i, td[OBS][i], td[EPISODE][i], self.spec.action_dim)
+        obs, is_first = td[OBS], torch.ones(self.spec.num_envs, dtype=torch.bool)
+        last_time, last_step = time.perf_counter(), self.env_step
+        while self.env_step < self.total_env_steps:
+            obs, is_first = self._collect(obs, is_first, builder, timers)
+            self._update(self._num_updates_due(), timers)
+            if self.env_step >= self.next_eval:
+                self.evaluate()
+                self.next_eval += self.eval_every
+            if self.env_step >= self.next_checkpoint:
+                self.save()
+                self.next_checkpoint += self.checkpoint_every
+            self.logger.advance(self.env_step)
+            if time.perf_counter() - last_time > 30:
+                now = time.perf_counter()
+                self.logger.scalars("time", {**timers, "env_steps_per_second":
+                                             (self.env_step - last_step) / (now - last_time)},
+                                    self.env_step)
+                last_time, last_step = now, self.env_step
+        if self.eval_env is not None and self.last_eval_step < self.env_step:
+            self.evaluate()
+        self.save()
+        self.logger.scalars("time", timers, self.env_step)
+        self.logger.close()
+        self.env.close()
+        if self.eval_env is not None:
+            self.eval_env.close()
+
+
+def _run_episodes(env, agent, use_planner: bool) -> tuple[list[float], list[int]]:
+    """One episode in each of the env's E envs; returns their returns and lengths."""
+    E = env.spec.num_envs
+    td = env.reset()
+    obs, is_first = td[OBS], torch.ones(E, dtype=torch.bool)
+    returns, lengths = np.zeros(E), np.zeros(E, dtype=int)
+    running = np.ones(E, dtype=bool)
+    while running.any():
+        action = agent.act(obs, is_first, eval_mode=True, use_planner=use_planner)
+        td = env.step(action)
+        returns[running] += td[REWARD].numpy()[running]
+        lengths[running] += 1
+        running &= ~td[DONE].numpy()
+        obs, is_first = td[NEXT_OBS], td[DONE].clone()
+    return returns.tolist(), lengths.tolist()
