@@ -17,6 +17,8 @@ import torch
 
 from rlcore.config import ConfigError, load_gin
 
+__all__ = ["ConfigError", "RunError", "main", "make_parser", "select_device"]
+
 CONFIG_FILE = "config.gin"
 
 _log = logging.getLogger("runners")
@@ -57,6 +59,7 @@ def config_files_for(run_dir: str | None, gin_files: Sequence[str]) -> list[str]
 
 def list_components() -> str:
     import components
+    import rlcore.envs  # noqa: F401 - registers the env layer
     from rlcore import registry
 
     components.import_all()

@@ -17,7 +17,11 @@ def _run(args) -> int:
     from runners.pipelines import OnlineRunner
 
     run_dir = args.run_dir or str(Path("runs") / time.strftime("online-%Y%m%d-%H%M%S"))
-    OnlineRunner(run_dir).run()
+    try:
+        runner = OnlineRunner(run_dir)
+    except (ValueError, TypeError) as e:  # bad values reach components as they are built
+        raise common.ConfigError(f"could not build the run: {e}") from None
+    runner.run()
     return 0
 
 

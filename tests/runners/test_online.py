@@ -1,0 +1,154 @@
+"""End-to-end tests of `python -m runners.online` in subprocesses (CleanRL / Dopamine style).
+
+Each run uses gin/test/tiny.gin on top of a real experiment file, with envpool's
+cartpole-balance, so a whole run takes seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("envpool")
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ["--gin_file=gin/tdmpc2_dog.gin", "--gin_file=gin/test/tiny.gin"]
+
+
+def _cmd(run_dir, *extra):
+    return [sys.executable, "-m", "runners.online", *BASE, f"--run_dir={run_dir}", *extra]
+
+
+def _run(run_dir, *extra, timeout=300):
+    env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(_cmd(run_dir, *extra), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _snapshot(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("online") / "run"
+    proc = _run(run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_run_leaves_artifacts(finished_run):
+    run_dir, proc = finished_run
+    assert (run_dir / "config.gin").read_text().count("OnlineRunner.") > 5
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    lines = (run_dir / "eval.csv").read_text().splitlines()
+    assert lines[0].startswith("step,reward,seed")
+    assert lines[-1].startswith("4000,")
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert ckpts and (ckpts[-1] / "COMPLETE").exists() and (ckpts[-1] / "state.pt").exists()
+    assert ckpts[-1].name.endswith("4000")
+
+
+def test_config_gin_alone_rebuilds_the_run(finished_run, tmp_path):
+    """Resuming needs only the run dir: config.gin is read back when no --gin_file is given."""
+    run_dir, _ = finished_run
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    proc = subprocess.run([sys.executable, "-m", "runners.online", f"--run_dir={run_dir}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed" in proc.stderr
+
+
+def test_different_config_is_refused_and_nothing_changes(finished_run):
+    run_dir, _ = finished_run
+    before = _snapshot(run_dir)
+    proc = _run(run_dir, "--gin_param=OnlineRunner.seed = 7")
+    assert proc.returncode == 2
+    assert "different config" in proc.stderr and "OnlineRunner.seed" in proc.stderr
+    assert _snapshot(run_dir) == before
+
+
+def test_truncated_checkpoint_is_an_error(finished_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished_run[0], run_dir)
+    latest = sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "state.pt"
+    data = latest.read_bytes()
+    latest.write_bytes(data[: len(data) // 2])
+    before = _snapshot(run_dir)
+    proc = _run(run_dir)
+    assert proc.returncode == 2
+    assert "corrupt" in proc.stderr and str(latest.parent.name) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--gin_param=TASK = 'dog-rn'"], "dog-run"),
+    (["--gin_param=MPPIPlaner.horizon = 3"], "MPPIPlanner"),
+    (["--gin_param=MPPIPlanner.horizn = 3"], "horizon"),
+    (["--gin_file=gin/does_not_exist.gin"], "not found"),
+])
+def test_bad_input_gets_one_clear_error(tmp_path, extra, expected):
+    run_dir = tmp_path / "run"
+    proc = _run(run_dir, *extra)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_malformed_gin_file(tmp_path):
+    bad = tmp_path / "bad.gin"
+    bad.write_text("OnlineRunner.seed = = 3\nthis is not gin\n")
+    proc = _run(tmp_path / "run", f"--gin_file={bad}")
+    assert proc.returncode == 2
+    assert "bad.gin" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_list_components():
+    proc = subprocess.run([sys.executable, "-m", "runners.online", "--list_components"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "@planners.MPPIPlanner" in proc.stdout and "temperature = 0.5" in proc.stdout
+    assert "@envs.EnvpoolVecEnv" in proc.stdout
+
+
+def test_killed_run_resumes(tmp_path):
+    """kill -9 after the first checkpoint; the same command resumes from it and finishes."""
+    run_dir = tmp_path / "run"
+    extra = ["--gin_param=OnlineRunner.total_env_steps = 8000",
+             "--gin_param=OnlineRunner.checkpoint_every = 1000",
+             "--gin_param=OnlineRunner.eval_every = 2000"]
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    proc = subprocess.Popen(_cmd(run_dir, *extra), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = run_dir / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = [p for p in ckpt_dir.glob("step_*") if (p / "COMPLETE").exists()] \
+            if ckpt_dir.exists() else []
+        if any(int(p.name.split("_")[1]) >= 3000 for p in done):
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    steps_before = sorted(int(p.name.split("_")[1]) for p in ckpt_dir.glob("step_*")
+                          if (p / "COMPLETE").exists())
+    assert steps_before and steps_before[-1] < 8000
+    resumed = _run(run_dir, *extra)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from env step {steps_before[-1]}" in resumed.stderr
+    rows = [ln.split(",") for ln in (run_dir / "eval.csv").read_text().splitlines()[1:]]
+    steps = [int(r[0]) for r in rows]
+    assert steps == sorted(set(steps)) and steps[-1] == 8000
+    assert sorted(ckpt_dir.glob("step_*"))[-1].name.endswith("8000")
