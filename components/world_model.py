@@ -45,7 +45,7 @@ class WorldModel(nn.Module):
         self._Qs = q_head(za, num_bins)
         self._pi = policy_head(latent_dim, spec.action_dim)
         self.num_q = self._Qs.num_q
-        self._target_Qs = copy.deepcopy(self._Qs).requires_grad_(False)
+        self._target_Qs = copy.deepcopy(self._Qs).requires_grad_(False).train(False)
 
     # -- parameter groups -------------------------------------------------------------
     def module_groups(self) -> dict[str, nn.Module]:

@@ -139,7 +139,7 @@ class Checkpointer:
     the sentinel, or a temporary folder, is never loaded.
 
     Args:
-        directory: folder holding the `step_<n>` checkpoints (created if missing).
+        directory: folder holding the `step_<n>` checkpoints (created by the first save).
         keep: number of newest complete checkpoints to keep (at least 1).
     """
 
@@ -148,7 +148,6 @@ class Checkpointer:
             raise ValueError(f"keep must be >= 1 (got {keep}): the number of checkpoints kept")
         self.directory = Path(directory)
         self.keep = keep
-        self.directory.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------
     # Naming and discovery.
@@ -159,6 +158,8 @@ class Checkpointer:
 
     def _step_dirs(self) -> list[tuple[int, Path]]:
         found = []
+        if not self.directory.is_dir():
+            return found
         for entry in self.directory.iterdir():
             match = _STEP_RE.match(entry.name)
             if match and entry.is_dir():
@@ -200,6 +201,7 @@ class Checkpointer:
         tmp = self.directory / f".tmp_{final.name}_{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
+        self.directory.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
 
         # State file, hashed while it is written.

@@ -11,6 +11,7 @@ import difflib
 import inspect
 import os
 import re
+import tokenize
 from pathlib import Path
 from typing import Iterable
 
@@ -117,12 +118,14 @@ def load_gin(files: Iterable[str | os.PathLike] = (), params: Iterable[str] = ()
         resolved = path if path.exists() else REPO_ROOT / path
         try:
             gin.parse_config_file(str(resolved), skip_unknown=False)
-        except (ValueError, SyntaxError, KeyError, ImportError, TypeError, IOError) as e:
+        except (ValueError, SyntaxError, KeyError, ImportError, TypeError, OSError,
+                tokenize.TokenError) as e:
             raise _explain(e, f"gin file {f}") from None
     for p in params:
         try:
             gin.parse_config(p, skip_unknown=False)
-        except (ValueError, SyntaxError, KeyError, ImportError, TypeError) as e:
+        except (ValueError, SyntaxError, KeyError, ImportError, TypeError,
+                tokenize.TokenError) as e:
             raise _explain(e, f"--gin_param {p!r}") from None
     _check_bindings()
     if finalize:

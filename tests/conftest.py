@@ -1,0 +1,109 @@
+"""Shared fixtures: a clean gin config and a seeded RNG per test, and tiny agents."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import gin  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+# Tiny sizes shared by the component tests: latent 16 (two SimNorm groups), hidden 32.
+TINY_LATENT = 16
+TINY_HIDDEN = 32
+TINY_BINS = 21
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin_and_seed():
+    """Every test starts from an empty gin config and torch seed 0 (as Dopamine's tests)."""
+    gin.clear_config()
+    torch.manual_seed(0)
+    yield
+    gin.clear_config()
+
+
+def tiny_world_model_factory(*, latent_dim: int = TINY_LATENT, hidden_dim: int = TINY_HIDDEN,
+                             num_bins: int = TINY_BINS, num_q: int = 2, q_dropout: float = 0.01):
+    """A `WorldModel` class-like callable (spec -> model) with tiny sizes."""
+    from components.dynamics import MLPDynamics
+    from components.encoders import MLPEncoder
+    from components.heads import DiscreteRegressionHead, EnsembleQHead, TanhGaussianPolicyHead
+    from components.world_model import WorldModel
+
+    return functools.partial(
+        WorldModel,
+        encoder=functools.partial(MLPEncoder, hidden_dim=hidden_dim),
+        dynamics=functools.partial(MLPDynamics, hidden_dim=hidden_dim),
+        reward_head=functools.partial(DiscreteRegressionHead, hidden_dim=hidden_dim),
+        q_head=functools.partial(EnsembleQHead, hidden_dim=hidden_dim, num_q=num_q,
+                                 dropout=q_dropout),
+        policy_head=functools.partial(TanhGaussianPolicyHead, hidden_dim=hidden_dim),
+        latent_dim=latent_dim,
+        num_bins=num_bins,
+    )
+
+
+def tiny_planner_factory(planner: str = "mppi", *, horizon: int = 3, num_samples: int = 32,
+                         num_pi_trajs: int = 4, num_elites: int = 8, iterations: int = 2,
+                         **kwargs):
+    """A planner class-like callable (model, action_dim, discount) -> planner, tiny sizes."""
+    from components.planners.cem import CEMPlanner
+    from components.planners.mppi import MPPIPlanner
+
+    cls = {"mppi": MPPIPlanner, "cem": CEMPlanner}[planner]
+    return functools.partial(cls, horizon=horizon, num_samples=num_samples,
+                             num_pi_trajs=num_pi_trajs, num_elites=num_elites,
+                             iterations=iterations, **kwargs)
+
+
+@pytest.fixture
+def tiny_world_model():
+    """`tiny_world_model(spec, **sizes)` -> a tiny WorldModel."""
+
+    def build(spec, **kwargs):
+        return tiny_world_model_factory(**kwargs)(spec)
+
+    return build
+
+
+@pytest.fixture
+def tiny_agent_factory():
+    """`tiny_agent_factory(spec, planner='mppi', num_q=2, **agent_kwargs)` -> TDMPC2Agent."""
+    from components.agent import TDMPC2Agent
+    from components.losses import PolicyLoss, WorldModelLoss
+
+    def build(spec, *, planner: str = "mppi", num_q: int = 2, planner_kwargs=None,
+              **agent_kwargs):
+        return TDMPC2Agent(
+            spec,
+            "cpu",
+            world_model=tiny_world_model_factory(num_q=num_q),
+            planner=tiny_planner_factory(planner, **(planner_kwargs or {})),
+            model_loss=WorldModelLoss,
+            policy_loss=PolicyLoss,
+            **agent_kwargs,
+        )
+
+    return build
+
+
+@pytest.fixture
+def tiny_planner():
+    """`tiny_planner(kind, model, action_dim, discount, **sizes)` -> a tiny planner."""
+
+    def build(kind, model, action_dim, discount=0.99, **kwargs):
+        return tiny_planner_factory(kind, **kwargs)(model, action_dim, discount)
+
+    return build
