@@ -2,14 +2,19 @@
 
 The agent builds its collaborators from gin references with the values known at run
 time (the EnvSpec, the discount, the device), sums the losses' `loss_*` terms, and owns
-the optimizers and the running scale.
+the optimizers, the running scale and the reset strategy.
+
+Update pathways (variant, SPEC §6): `full` trains world model, value, auxiliary heads and
+policy; `actor_critic` trains value, auxiliary heads and policy on detached latents,
+without the model losses; `policy` trains the policy alone on detached latents.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn as nn
 from tensordict import TensorDict
 
 from components.losses import RunningScale
@@ -17,9 +22,19 @@ from rlcore import math as rmath
 from rlcore.registry import register
 from rlcore.types import ACTION, OBS, REWARD, TERMINATED, EnvSpec
 
+PATHWAYS = ("full", "actor_critic", "policy")
+
 
 def _sum_losses(td: TensorDict) -> torch.Tensor:
-    return sum(v for k, v in td.items() if k.startswith("loss_"))
+    terms = [v for k, v in td.items() if k.startswith("loss_")]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def _merge(*tds: TensorDict) -> TensorDict:
+    out: dict[str, torch.Tensor] = {}
+    for td in tds:
+        out.update(td.to_dict())
+    return TensorDict(out, batch_size=[])
 
 
 @register("agents")
@@ -30,11 +45,17 @@ class TDMPC2Agent:
         spec: the environment's EnvSpec.
         device: where the model lives (chosen once by the runner).
         world_model, planner, model_loss, policy_loss: gin references (classes).
+        extra_losses: further model-side loss classes (auxiliary value, termination), each
+            called like `model_loss`; a class attribute `pathways` says which update
+            pathways include it.
+        reset: a reset strategy class (None: never reset).
         discount: gamma; None derives it from the episode length (SPEC §6).
         lr: Adam learning rate of model and policy; the encoder's is lr * enc_lr_scale.
         grad_clip_norm: gradient-norm clip for each optimizer.
-        tau: Polyak rate of the target Q ensemble, after every value update.
+        tau: Polyak rate of the target Q copies, after every value update.
         mpc: act with the planner (True) or the policy prior alone (False).
+        grad_log_every: every this many updates, add per-loss, per-module-group gradient
+            norms to the metrics (extra backward passes; 0 disables).
 
     Shapes: act(obs [E, *obs], is_first [E]) -> [E, A]; update(batch [T+1, B]).
     """
@@ -42,21 +63,29 @@ class TDMPC2Agent:
     def __init__(self, spec: EnvSpec, device: torch.device | str = "cpu", *,
                  world_model: Callable[..., Any], planner: Callable[..., Any],
                  model_loss: Callable[..., Any], policy_loss: Callable[..., Any],
+                 extra_losses: Sequence[Callable[..., Any]] = (),
+                 reset: Callable[..., Any] | None = None,
                  discount: float | None = None, lr: float = 3e-4, enc_lr_scale: float = 0.3,
                  policy_eps: float = 1e-5, grad_clip_norm: float = 20.0, tau: float = 0.01,
-                 scale_tau: float = 0.01, mpc: bool = True):
+                 scale_tau: float = 0.01, mpc: bool = True, grad_log_every: int = 0):
         self.spec = spec
         self.device = torch.device(device)
         if discount is None:
             discount = rmath.episode_discount(spec.episode_length)
         if not 0.0 < discount < 1.0:
             raise ValueError(f"TDMPC2Agent.discount must lie in (0, 1), got {discount}")
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"TDMPC2Agent.tau must lie in (0, 1], got {tau}")
         self.discount = float(discount)
         self.model = world_model(spec).to(self.device)
         self.planner = planner(self.model, spec.action_dim, self.discount)
         self.model_loss = model_loss()
         self.policy_loss = policy_loss()
+        self.extra_losses = [cls() for cls in extra_losses]
+        self.reset_strategy = reset() if reset is not None else None
         self.grad_clip_norm, self.tau, self.mpc = grad_clip_norm, tau, mpc
+        self.grad_log_every = grad_log_every
+        self.num_updates = 0
         groups = self.model.module_groups()
         self.model_optim = torch.optim.Adam([
             {"params": groups["encoder"].parameters(), "lr": lr * enc_lr_scale},
@@ -77,10 +106,19 @@ class TDMPC2Agent:
         if self.mpc if use_planner is None else use_planner:
             a = self.planner.plan(z, is_first.to(self.device), eval_mode=eval_mode)
         else:
-            a, info = self.model.pi(z, deterministic=eval_mode)
+            a, _ = self.model.pi(z, deterministic=eval_mode, target=True)
         return a.cpu()
 
-    # -- updates ----------------------------------------------------------------------
+    # -- losses -----------------------------------------------------------------------
+    def _unpack(self, batch: TensorDict):
+        """Arrival convention: rows 1..T hold the action and reward that led to obs_t."""
+        batch = batch.to(self.device)
+        obs = batch[OBS]  # [T+1, B, *obs]
+        action = batch[ACTION][1:]  # [T, B, A]
+        reward = batch[REWARD][1:].unsqueeze(-1)  # [T, B, 1]
+        terminated = batch[TERMINATED][1:].unsqueeze(-1).float()  # [T, B, 1]
+        return obs, action, reward, terminated
+
     def _rollout(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Latent rollout from z_0 = enc(o_0).  -> zs [T+1, B, L]."""
         z = self.model.encode(obs[0])  # [B, L]
@@ -90,51 +128,121 @@ class TDMPC2Agent:
             zs.append(z)
         return torch.stack(zs)  # [T+1, B, L]
 
-    def update(self, batch: TensorDict) -> TensorDict:
-        """One full update (model, value, policy) from a replay batch [T+1, B].
+    def _model_terms(self, pathway: str, zs, next_z, action, reward, terminated) -> TensorDict:
+        args = (self.model, zs, next_z, action, reward, terminated, self.discount)
+        terms = [self.model_loss(*args, value_only=pathway == "actor_critic")]
+        terms += [loss(*args) for loss in self.extra_losses if pathway in loss.pathways]
+        return _merge(*terms)
 
-        Arrival convention: batch rows 1..T hold the action and reward that led to obs_t,
-        so actions, rewards and terminations are read from `[1:]`.
-        """
-        batch = batch.to(self.device)
-        obs = batch[OBS]  # [T+1, B, *obs]
-        action = batch[ACTION][1:]  # [T, B, A]
-        reward = batch[REWARD][1:].unsqueeze(-1)  # [T, B, 1]
-        terminated = batch[TERMINATED][1:].unsqueeze(-1).float()  # [T, B, 1]
-        self.model.train()
+    def _prepare(self, batch: TensorDict, pathway: str):
+        """Latents for one pathway: zs [T+1, B, L] (detached unless `full`), next_z [T, B, L]
+        (target encoder, no gradient), and action, reward, terminated [T, B, ...]."""
+        obs, action, reward, terminated = self._unpack(batch)
         with torch.no_grad():
-            next_z = self.model.encode(obs[1:])  # [T, B, L]
-        # Model update
-        zs = self._rollout(obs, action)  # [T+1, B, L]
-        model_terms = self.model_loss(self.model, zs, next_z, action, reward, terminated,
-                                      self.discount)
-        model_total = _sum_losses(model_terms)
-        self.model_optim.zero_grad(set_to_none=True)
-        model_total.backward()
-        model_grad = torch.nn.utils.clip_grad_norm_(self.model.model_parameters(),
-                                                    self.grad_clip_norm)
-        self.model_optim.step()
+            next_z = self.model.encode(obs[1:], target=True)  # [T, B, L]
+        with torch.set_grad_enabled(pathway == "full" and torch.is_grad_enabled()):
+            zs = self._rollout(obs, action)  # [T+1, B, L]
+        return zs, next_z, action, reward, terminated
+
+    def losses(self, batch: TensorDict, pathway: str = "full", *,
+               update_scale: bool = True) -> tuple[TensorDict, TensorDict]:
+        """(model-side terms, policy terms) for one batch on one pathway, without stepping."""
+        zs, next_z, action, reward, terminated = self._prepare(batch, pathway)
+        model_terms = (self._model_terms(pathway, zs, next_z, action, reward, terminated)
+                       if pathway != "policy" else TensorDict({}, batch_size=[]))
+        pi_terms = self.policy_loss(self.model, zs, self.scale, update_scale=update_scale)
+        return model_terms, pi_terms
+
+    # -- updates ----------------------------------------------------------------------
+    def update(self, batch: TensorDict, pathway: str = "full") -> TensorDict:
+        """One update on `pathway` (`full`, `actor_critic` or `policy`) from a batch [T+1, B]."""
+        if pathway not in PATHWAYS:
+            raise ValueError(f"unknown update pathway {pathway!r}; expected one of {PATHWAYS}")
+        self.model.train()
+        zs, next_z, action, reward, terminated = self._prepare(batch, pathway)
+        out: dict[str, torch.Tensor] = {}
+        # Model / value update
+        if pathway != "policy":
+            model_terms = self._model_terms(pathway, zs, next_z, action, reward, terminated)
+            model_total = _sum_losses(model_terms)
+            if self.grad_log_every and self.num_updates % self.grad_log_every == 0:
+                out.update(self._grad_norms(model_terms))
+            self.model_optim.zero_grad(set_to_none=True)
+            model_total.backward()
+            out["stats/grad_norm_model"] = torch.nn.utils.clip_grad_norm_(
+                self.model.model_parameters(), self.grad_clip_norm).detach()
+            self.model_optim.step()
+            out.update(model_terms.detach().to_dict())
+            out["loss_total"] = model_total.detach()
         # Policy update
         pi_terms = self.policy_loss(self.model, zs, self.scale)
         self.pi_optim.zero_grad(set_to_none=True)
         _sum_losses(pi_terms).backward()
-        pi_grad = torch.nn.utils.clip_grad_norm_(self.model.module_groups()["policy"].parameters(),
-                                                 self.grad_clip_norm)
+        out["stats/grad_norm_policy"] = torch.nn.utils.clip_grad_norm_(
+            self.model.module_groups()["policy"].parameters(), self.grad_clip_norm).detach()
         self.pi_optim.step()
-        # Target update
-        self.model.soft_update_target_Q(self.tau)
+        out.update(pi_terms.detach().to_dict())
+        # Target and EMA copies
+        groups = ["policy"] if pathway == "policy" else None
+        self.model.soft_update_targets(self.tau, groups)
         self.model.eval()
-        out = TensorDict({**model_terms.detach().to_dict(), **pi_terms.detach().to_dict(),
-                          "loss_total": model_total.detach(),
-                          "stats/grad_norm_model": model_grad.detach(),
-                          "stats/grad_norm_policy": pi_grad.detach()}, batch_size=[])
+        self.num_updates += 1
+        if self.reset_strategy is not None and self.reset_strategy(self, self.num_updates):
+            out["stats/reset"] = torch.ones(())
+        return TensorDict(out, batch_size=[])
+
+    def _grad_norms(self, terms: TensorDict) -> dict[str, torch.Tensor]:
+        """Gradient norm of each loss term with respect to each module group."""
+        groups = {n: [p for p in m.parameters() if p.requires_grad]
+                  for n, m in self.model.module_groups().items() if n != "policy"}
+        out = {}
+        for key, value in terms.items():
+            if not key.startswith("loss_") or not value.requires_grad:
+                continue
+            for gname, params in groups.items():
+                grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+                sq = [g.pow(2).sum() for g in grads if g is not None]
+                out[f"grad/{key[5:]}/{gname}"] = (torch.stack(sq).sum().sqrt() if sq
+                                                   else torch.zeros(())).detach()
         return out
+
+    @torch.no_grad()
+    def validate(self, batch: TensorDict) -> TensorDict:
+        """Every loss on a batch, in eval mode, without gradients or any state change.
+
+        The running scale is read, not updated; RNG draws (member choice, policy noise)
+        use a private generator state so training's random stream is unchanged.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            model_terms, pi_terms = self.losses(batch, "full", update_scale=False)
+        self.model.train(was_training)
+        out = _merge(model_terms, pi_terms)
+        out["loss_total"] = _sum_losses(model_terms)
+        return out
+
+    # -- resets -----------------------------------------------------------------------
+    def on_reset(self, params: Sequence[nn.Parameter], groups: Sequence[str]) -> None:
+        """After a reset: clear the touched parameters' optimizer moments, re-sync the
+        target/EMA copies of the reset groups and reset the running scale."""
+        touched = {id(p) for p in params}
+        for optim in (self.model_optim, self.pi_optim):
+            for group in optim.param_groups:
+                for p in group["params"]:
+                    if id(p) in touched and p in optim.state:
+                        del optim.state[p]
+        self.model.sync_copies(groups)
+        self.scale.reset()
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "model_optim": self.model_optim.state_dict(),
-                "pi_optim": self.pi_optim.state_dict(), "scale": self.scale.state_dict(),
-                "planner": self.planner.state_dict()}
+        state = {"model": self.model.state_dict(), "model_optim": self.model_optim.state_dict(),
+                 "pi_optim": self.pi_optim.state_dict(), "scale": self.scale.state_dict(),
+                 "planner": self.planner.state_dict(), "num_updates": self.num_updates}
+        if self.reset_strategy is not None and hasattr(self.reset_strategy, "state_dict"):
+            state["reset"] = self.reset_strategy.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -142,3 +250,6 @@ class TDMPC2Agent:
         self.pi_optim.load_state_dict(state["pi_optim"])
         self.scale.load_state_dict(state["scale"])
         self.planner.load_state_dict(state["planner"])
+        self.num_updates = state.get("num_updates", 0)
+        if "reset" in state and self.reset_strategy is not None:
+            self.reset_strategy.load_state_dict(state["reset"])

@@ -21,6 +21,10 @@ class MLPDynamics(nn.Module):
         super().__init__()
         self.net = mlp(latent_dim + action_dim, [hidden_dim] * num_layers, latent_dim,
                        out_act=SimNorm(simnorm_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A fresh draw of this module's own init (used by resets)."""
         init_weights(self)
 
     def forward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

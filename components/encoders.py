@@ -27,6 +27,10 @@ class MLPEncoder(nn.Module):
             )
         self.net = mlp(spec.obs_shape[0], [hidden_dim] * max(num_layers - 1, 1), latent_dim,
                        out_act=SimNorm(simnorm_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A fresh draw of this module's own init (used by resets)."""
         init_weights(self)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,10 @@ class DiscreteRegressionHead(nn.Module):
     def __init__(self, in_dim: int, num_bins: int, *, hidden_dim: int = 512, num_layers: int = 2):
         super().__init__()
         self.net = mlp(in_dim, [hidden_dim] * num_layers, max(num_bins, 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A fresh draw of this head's own init (used by resets)."""
         init_weights(self)
         zero_last_linear(self)
 
@@ -48,6 +52,9 @@ class EnsembleQHead(nn.Module):
         self.net = EnsembleMLP(num_q, in_dim, [hidden_dim] * num_layers, max(num_bins, 1),
                                dropout=dropout, zero_output=True)
 
+    def reset_parameters(self) -> None:
+        self.net.reset_parameters()
+
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(x, members)
 
@@ -69,6 +76,9 @@ class TanhGaussianPolicyHead(nn.Module):
         self.action_dim = action_dim
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
         self.net = mlp(latent_dim, [hidden_dim] * num_layers, 2 * action_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         init_weights(self)
 
     def forward(self, z: torch.Tensor, *, deterministic: bool = False):
@@ -82,3 +92,72 @@ class TanhGaussianPolicyHead(nn.Module):
         info = {"mean": mean, "log_std": log_std, "entropy": -log_prob,
                 "scaled_entropy": scaled_entropy}
         return action, info
+
+
+@register("heads")
+class TerminationHead(nn.Module):
+    """MLP z' -> 1 logit: does the transition into latent z' end the episode?
+
+    Applied to the latent *after* the transition, in training and planning alike.
+
+    Shapes: z [..., L] -> [..., 1] logits.
+    """
+
+    def __init__(self, latent_dim: int, *, hidden_dim: int = 512, num_layers: int = 2):
+        super().__init__()
+        self.net = mlp(latent_dim, [hidden_dim] * num_layers, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_weights(self)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+@register("heads")
+class JointAuxQHead(nn.Module):
+    """Auxiliary Q heads for G extra discounts with a shared trunk (multi-gamma, joint form).
+
+    One MLP [z, a] -> hidden -> G*K logits; output layer zero-initialized like the Q heads.
+
+    Shapes: x [..., in_dim] -> [..., G, K].
+    """
+
+    def __init__(self, in_dim: int, num_bins: int, num_discounts: int, *, hidden_dim: int = 512,
+                 num_layers: int = 2):
+        super().__init__()
+        self.num_discounts, self.num_bins = num_discounts, max(num_bins, 1)
+        self.net = mlp(in_dim, [hidden_dim] * num_layers, num_discounts * self.num_bins)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_weights(self)
+        zero_last_linear(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)  # [..., G*K]
+        return out.view(*out.shape[:-1], self.num_discounts, self.num_bins)  # [..., G, K]
+
+
+@register("heads")
+class SeparateAuxQHead(nn.Module):
+    """Auxiliary Q heads for G extra discounts as G independent MLPs (separate form).
+
+    Runs as one batched ensemble (no Python loop over heads).
+
+    Shapes: x [..., in_dim] -> [..., G, K].
+    """
+
+    def __init__(self, in_dim: int, num_bins: int, num_discounts: int, *, hidden_dim: int = 512,
+                 num_layers: int = 2):
+        super().__init__()
+        self.num_discounts = num_discounts
+        self.net = EnsembleMLP(num_discounts, in_dim, [hidden_dim] * num_layers,
+                               max(num_bins, 1), zero_output=True)
+
+    def reset_parameters(self) -> None:
+        self.net.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.movedim(self.net(x), 0, -2)  # [G, ..., K] -> [..., G, K]

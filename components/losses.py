@@ -62,36 +62,98 @@ class WorldModelLoss:
         self.consistency_coef = consistency_coef
         self.reward_coef, self.value_coef, self.rho = reward_coef, value_coef, rho
 
+    pathways = ("full", "actor_critic")
+
     @torch.no_grad()
     def td_target(self, model, next_z: torch.Tensor, reward: torch.Tensor,
                   terminated: torch.Tensor, discount: float) -> torch.Tensor:
-        """y_t [T, B, 1]."""
-        a, _ = model.pi(next_z)  # [T, B, A]
+        """y_t [T, B, 1]; a' comes from the acting policy (the EMA one when enabled)."""
+        a, _ = model.pi(next_z, target=True)  # [T, B, A]
         q = model.Q(next_z, a, return_type="min", target=True)  # [T, B, 1]
         return reward + discount * (1 - terminated.float()) * q
 
     def __call__(self, model, zs: torch.Tensor, next_z: torch.Tensor, action: torch.Tensor,
-                 reward: torch.Tensor, terminated: torch.Tensor, discount: float) -> TensorDict:
+                 reward: torch.Tensor, terminated: torch.Tensor, discount: float, *,
+                 value_only: bool = False) -> TensorDict:
+        """All three terms; `value_only` (actor-critic updates) gives only the value term."""
         T = action.shape[0]
         w = rho_weights(self.rho, T, zs.device)  # [T]
         nb, lo, hi = model.num_bins, model.vmin, model.vmax
-        # Consistency
-        cons = F.mse_loss(zs[1:], next_z, reduction="none").mean(dim=(1, 2))  # [T]
-        # Reward
-        rew_logits = model.reward(zs[:-1], action)  # [T, B, K]
-        rew = rmath.soft_ce(rew_logits, reward, nb, lo, hi).mean(dim=(1, 2))  # [T]
         # Value
         y = self.td_target(model, next_z, reward, terminated, discount)  # [T, B, 1]
         q_logits = model.Q(zs[:-1], action, return_type="all")  # [Q, T, B, K]
         val = rmath.soft_ce(q_logits, y.unsqueeze(0).expand(q_logits.shape[0], -1, -1, -1),
                             nb, lo, hi).mean(dim=(0, 2, 3))  # [T]
-        return TensorDict({
-            "loss_consistency": self.consistency_coef * (w * cons).sum(),
-            "loss_reward": self.reward_coef * (w * rew).sum(),
-            "loss_value": self.value_coef * (w * val).sum(),
-            "stats/td_target_mean": y.mean(),
-            "stats/td_target_std": y.std(),
-        }, batch_size=[])
+        out = {"loss_value": self.value_coef * (w * val).sum(),
+               "stats/td_target_mean": y.mean(), "stats/td_target_std": y.std()}
+        if not value_only:
+            # Consistency
+            cons = F.mse_loss(zs[1:], next_z, reduction="none").mean(dim=(1, 2))  # [T]
+            # Reward
+            rew_logits = model.reward(zs[:-1], action)  # [T, B, K]
+            rew = rmath.soft_ce(rew_logits, reward, nb, lo, hi).mean(dim=(1, 2))  # [T]
+            out["loss_consistency"] = self.consistency_coef * (w * cons).sum()
+            out["loss_reward"] = self.reward_coef * (w * rew).sum()
+        return TensorDict(out, batch_size=[])
+
+
+@register("losses")
+class AuxValueLoss:
+    """Multi-gamma auxiliary value loss (variant, SPEC §3).
+
+    y_g = r_t + gamma_g (1 - d_t) Q_aux_target,g(z_{t+1}, a'), a' ~ pi(z_{t+1}); loss is the
+    mean over g of (1/T) sum_t rho^t CE(two-hot(y_g)), weight 0.1. Training only: nothing
+    the planner, the policy or the primary TD target reads depends on the auxiliary heads.
+    """
+
+    pathways = ("full", "actor_critic")
+
+    def __init__(self, *, coef: float = 0.1, rho: float = 0.5):
+        self.coef, self.rho = coef, rho
+
+    def __call__(self, model, zs: torch.Tensor, next_z: torch.Tensor, action: torch.Tensor,
+                 reward: torch.Tensor, terminated: torch.Tensor, discount: float) -> TensorDict:
+        if model.aux_discounts.numel() == 0:
+            return TensorDict({}, batch_size=[])
+        T = action.shape[0]
+        w = rho_weights(self.rho, T, zs.device)  # [T]
+        gammas = model.aux_discounts  # [G]
+        with torch.no_grad():
+            a, _ = model.pi(next_z, target=True)  # [T, B, A]
+            q_next = model.decode(model.aux_Q(next_z, a, target=True))  # [T, B, G, 1]
+            y = reward.unsqueeze(-2) + gammas.view(-1, 1) * (
+                1 - terminated.float()).unsqueeze(-2) * q_next  # [T, B, G, 1]
+        logits = model.aux_Q(zs[:-1], action)  # [T, B, G, K]
+        ce = rmath.soft_ce(logits, y, model.num_bins, model.vmin, model.vmax)  # [T, B, G, 1]
+        per_t = ce.mean(dim=(1, 2, 3))  # [T]
+        out = {"loss_aux_value": self.coef * (w * per_t).sum()}
+        for g, gamma in enumerate(gammas.tolist()):
+            out[f"stats/aux_td_target_mean/gamma_{gamma:g}"] = y[..., g, :].mean()
+        return TensorDict(out, batch_size=[])
+
+
+@register("losses")
+class TerminationLoss:
+    """BCE-with-logits of the termination head on post-transition latents (episodic tasks).
+
+    (1/T) sum_t rho^t BCE(term(z_hat_{t+1}), d_t), weight 1.
+    """
+
+    pathways = ("full",)
+
+    def __init__(self, *, coef: float = 1.0, rho: float = 0.5):
+        self.coef, self.rho = coef, rho
+
+    def __call__(self, model, zs: torch.Tensor, next_z: torch.Tensor, action: torch.Tensor,
+                 reward: torch.Tensor, terminated: torch.Tensor, discount: float) -> TensorDict:
+        if not model.episodic:
+            return TensorDict({}, batch_size=[])
+        T = action.shape[0]
+        w = rho_weights(self.rho, T, zs.device)  # [T]
+        logits = model.termination(zs[1:], logits=True)  # [T, B, 1]
+        bce = F.binary_cross_entropy_with_logits(logits, terminated.float(),
+                                                 reduction="none").mean(dim=(1, 2))  # [T]
+        return TensorDict({"loss_termination": self.coef * (w * bce).sum()}, batch_size=[])
 
 
 @register("losses")

@@ -49,6 +49,7 @@ def test_tdmpc2_beats_random_on_cartpole_balance(tmp_path):
     cmd = [sys.executable, "-m", "runners.online", "--gin_file=gin/quick_cpu.gin",
            f"--run_dir={run_dir}", f"--gin_param=TASK = '{TASK}'",
            f"--gin_param=OnlineRunner.total_env_steps = {ENV_STEPS}",
+           "--gin_param=OnlineRunner.eval_every = 10_000",
            "--gin_param=OnlineRunner.progress = False"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "MUJOCO_GL": "egl"},
                           capture_output=True, text=True, timeout=1500)

@@ -75,17 +75,23 @@ class PopulationPlanner:
     def _score(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Sum_t gamma^t r_t + gamma^H Q(z_H, pi(z_H)).
 
+        Episodic models weight step t by the probability of not having terminated before
+        it (the termination head reads post-transition latents).
+
         Shapes: z [E, N, L], actions [H, E, N, A] -> [E, N].
         """
         G = torch.zeros(z.shape[:-1] + (1,), device=z.device)  # [E, N, 1]
+        alive = torch.ones_like(G)  # [E, N, 1]
         discount = 1.0
         for t in range(self.horizon):
             r = self.model.decode(self.model.reward(z, actions[t]))  # [E, N, 1]
             z = self.model.next(z, actions[t])  # [E, N, L]
-            G = G + discount * r
+            G = G + discount * alive * r
             discount *= self.discount
-        a, _ = self.model.pi(z)
-        G = G + discount * self.model.Q(z, a, return_type="avg")  # [E, N, 1]
+            if self.model.episodic:
+                alive = alive * (1 - self.model.termination(z))
+        a, _ = self.model.pi(z, target=True)
+        G = G + discount * alive * self.model.Q(z, a, return_type="avg")  # [E, N, 1]
         return G.squeeze(-1).nan_to_num(0.0)  # [E, N]
 
     def _policy_candidates(self, z: torch.Tensor) -> torch.Tensor:
@@ -94,7 +100,7 @@ class PopulationPlanner:
         zp = z.unsqueeze(1).expand(E, P, z.shape[-1])  # [E, P, L]
         out = []
         for t in range(self.horizon):
-            a, _ = self.model.pi(zp)  # [E, P, A]
+            a, _ = self.model.pi(zp, target=True)  # [E, P, A]
             out.append(a)
             if t < self.horizon - 1:
                 zp = self.model.next(zp, a)

@@ -25,7 +25,7 @@ def model(tiny_world_model):
     with torch.no_grad():
         m._reward.net[-1].weight.normal_(0, 0.1)
         m._Qs.net.w2.normal_(0, 0.1)
-    m.sync_target_Q()
+    m.sync_copies()
     return m.train()
 
 

@@ -23,6 +23,8 @@ class ToyModel:
     through; Q is zero; the policy prior is uniform random.
     """
 
+    episodic = False
+
     def __init__(self, action_dim: int = A):
         self.action_dim = action_dim
         self.calls = {"pi": 0, "Q": 0}

@@ -252,9 +252,9 @@ def test_target_q_starts_equal_and_needs_no_grad(model):
     with torch.no_grad():
         model._Qs.net.w0.add_(1.0)
     before = model._target_Qs.net.w0.clone()
-    model.soft_update_target_Q(0.25)
+    model.soft_update_targets(0.25)
     torch.testing.assert_close(model._target_Qs.net.w0, before + 0.25)
-    model.sync_target_Q()
+    model.sync_copies()
     torch.testing.assert_close(model._target_Qs.net.w0, model._Qs.net.w0)
 
 
