@@ -162,3 +162,23 @@ class EnsembleMLP(nn.Module):
 
 def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def layer_parameter_names(module: nn.Module) -> list[list[str]]:
+    """Fully qualified parameter names of each layer of `module`, first to last.
+
+    A layer is a Linear (or convolution) together with the LayerNorm that follows it (as
+    in NormedLinear), or one layer of an EnsembleMLP (all members, its `layer_groups()`
+    prefixed by its name). Names are as in `module.named_parameters()`. Used by resets of
+    the last k layers.
+    """
+    layers: list[list[str]] = []
+    for prefix, m in module.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(m, EnsembleMLP):
+            layers += [[dot + n for n in group] for group in m.layer_groups()]
+        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            layers.append([dot + n for n, _ in m.named_parameters(recurse=False)])
+        elif isinstance(m, nn.LayerNorm) and layers:
+            layers[-1] += [dot + n for n, _ in m.named_parameters(recurse=False)]
+    return layers

@@ -31,7 +31,8 @@ class WorldModel(nn.Module):
     known only at run time (spec, latent and action dimensions, bin count).
 
     Args:
-        termination_head: a head predicting episode ends (episodic tasks); None: none.
+        termination_head: a head predicting episode ends; built only for episodic tasks
+            (`spec.episodic`), so the same config serves both kinds of task.
         aux_q_head: auxiliary Q heads (multi-gamma, variant), built only when
             `aux_discounts` is non-empty; trained only, never read by planning or policy.
         aux_discounts: the G auxiliary discounts, each in (0, 1).
@@ -68,7 +69,8 @@ class WorldModel(nn.Module):
         self._encoder = encoder(spec, latent_dim)
         self._dynamics = dynamics(latent_dim, spec.action_dim)
         self._reward = reward_head(za, num_bins)
-        self._termination = termination_head(latent_dim) if termination_head else None
+        self._termination = (termination_head(latent_dim)
+                             if termination_head is not None and spec.episodic else None)
         self._Qs = q_head(za, num_bins)
         self._pi = policy_head(latent_dim, spec.action_dim)
         self.num_q = self._Qs.num_q

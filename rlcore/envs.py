@@ -414,6 +414,8 @@ class EnvpoolVecEnv(_VecEnvBase):
         num_envs: E, environments stepped together.
         seed: envpool's seed; env i draws from seed + i. Same seed, same observations.
         action_repeat: env steps per agent step (default `DMC_ACTION_REPEAT` = 2).
+        max_episode_steps: time limit in env steps (None: the task's own, 1000 for DMC);
+            shorter limits make quick tests and smoke runs.
 
     Shapes: action [E, A] -> OBS [E, D] float32 (layout in `obs_layout`), REWARD [E].
     """
@@ -425,6 +427,7 @@ class EnvpoolVecEnv(_VecEnvBase):
         num_envs: int = 1,
         seed: int = 0,
         action_repeat: int | None = None,
+        max_episode_steps: int | None = None,
     ) -> None:
         import envpool
 
@@ -436,8 +439,11 @@ class EnvpoolVecEnv(_VecEnvBase):
         self.env_id = resolve_task(task)
         self.obs_layout = dmc_obs_layout(task)  # ((key, size), ...)
         self._keys = tuple(k for k, _ in self.obs_layout)
+        if max_episode_steps is not None and max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+        limit = {} if max_episode_steps is None else {"max_episode_steps": int(max_episode_steps)}
         self._env = envpool.make_gymnasium(
-            self.env_id, num_envs=num_envs, batch_size=num_envs, seed=seed
+            self.env_id, num_envs=num_envs, batch_size=num_envs, seed=seed, **limit
         )
         time_limit = int(self._env.config["max_episode_steps"])  # env steps
         space = self._env.action_space

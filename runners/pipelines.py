@@ -78,7 +78,9 @@ class OnlineRunner:
         total_env_steps: env steps of the run, summed over envs (action repeat included).
         seed_steps: agent steps (summed over envs) of uniform random actions before the
             first update; None means max(1000, 5 * episode_length) (SPEC §6).
-        utd_ratio: updates per agent step per env after seeding.
+        utd_ratio: full updates per agent step per env after seeding.
+        policy_updates, actor_critic_updates: policy-only and actor-critic updates per
+            agent step per env (variant update pathways); fractional counts accumulate.
         eval_every: env steps between evaluations (0 disables periodic evaluation).
         eval_episodes: episodes per evaluation (run as parallel eval envs).
         eval_policy_prior: also evaluate the policy prior alone.
@@ -87,23 +89,38 @@ class OnlineRunner:
         device: `auto` (CUDA when present), `cpu`, `cuda`, ...
         num_threads: torch CPU threads (None leaves torch's default).
         progress: show a progress bar.
+        validation_batches: batches per held-out buffer scored after each evaluation
+            (variant): evaluation episodes fill an `all` and a `recent` buffer and every
+            loss is computed there without changing any training state; 0 disables.
+        validation_capacity: rows kept in the `all` validation buffer.
     """
 
     def __init__(self, run_dir: str, *, env: Callable[..., Any], agent: Callable[..., Any],
                  replay: Callable[..., Any], seed: int = 1, total_env_steps: int = 1_000_000,
                  seed_steps: int | None = None, utd_ratio: float = 1.0,
+                 policy_updates: float = 0.0, actor_critic_updates: float = 0.0,
                  eval_every: int = 50_000, eval_episodes: int = 10,
                  eval_policy_prior: bool = True, checkpoint_every: int = 100_000,
                  keep_checkpoints: int = 2, log_every: int = 100, device: str = "auto",
-                 num_threads: int | None = None, progress: bool = True):
-        if utd_ratio <= 0:
-            raise RunError(f"OnlineRunner.utd_ratio must be > 0, got {utd_ratio}")
+                 num_threads: int | None = None, progress: bool = True,
+                 validation_batches: int = 0, validation_capacity: int = 100_000):
+        self.schedule = {"full": utd_ratio, "actor_critic": actor_critic_updates,
+                         "policy": policy_updates}
+        for name, count in self.schedule.items():
+            if not count >= 0:
+                raise RunError(f"update counts must be >= 0 per agent step, got {name} = "
+                               f"{count}; fix OnlineRunner.utd_ratio / policy_updates / "
+                               "actor_critic_updates")
+        if validation_batches < 0:
+            raise RunError(f"OnlineRunner.validation_batches must be >= 0, got "
+                           f"{validation_batches}")
         if total_env_steps <= 0:
             raise RunError(f"OnlineRunner.total_env_steps must be > 0, got {total_env_steps}")
         if num_threads:
             torch.set_num_threads(num_threads)
         self.run_dir = Path(run_dir)
-        self.seed, self.total_env_steps, self.utd_ratio = seed, total_env_steps, utd_ratio
+        self.seed, self.total_env_steps = seed, total_env_steps
+        self.validation_batches = validation_batches
         self.eval_every, self.eval_episodes = eval_every, eval_episodes
         self.eval_policy_prior = eval_policy_prior
         self.checkpoint_every, self.log_every, self.progress = checkpoint_every, log_every, progress
@@ -119,18 +136,27 @@ class OnlineRunner:
             1000, 5 * self.spec.episode_length)
         self.eval_env = env(num_envs=eval_episodes, seed=seed + 100_000) \
             if eval_every or eval_episodes else None
+        self._replay_factory = replay
+        self.validation = {
+            "validation_all": replay(self.spec, seed=seed + 1, device=self.device,
+                                     capacity=validation_capacity),
+            "validation_recent": None,
+        } if validation_batches else {}
         self.operative_config = gin.operative_config_str()
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=keep_checkpoints)
         self._check_run_dir()
         # Counters (env steps include the action repeat and are summed over envs).
         self.env_step = 0
         self.agent_steps = 0
-        self.num_updates = 0
         self.pretrained = False
-        self.update_credit = 0.0
+        self.update_credit = {name: 0.0 for name in self.schedule}
         self.last_eval_step = -1
         self.next_eval = eval_every if eval_every else math.inf
         self.next_checkpoint = checkpoint_every if checkpoint_every else math.inf
+
+    @property
+    def num_updates(self) -> int:
+        return self.agent.num_updates
 
     # -- run directory ----------------------------------------------------------------
     def _check_run_dir(self) -> None:
@@ -163,11 +189,12 @@ class OnlineRunner:
             "replay": self.replay.state_dict(),
             "env": self.env.state_dict() if hasattr(self.env, "state_dict") else {},
             "counters": {"env_step": self.env_step, "agent_steps": self.agent_steps,
-                         "num_updates": self.num_updates, "pretrained": self.pretrained,
+                         "pretrained": self.pretrained,
                          "update_credit": self.update_credit,
                          "last_eval_step": self.last_eval_step,
                          "next_eval": self.next_eval, "next_checkpoint": self.next_checkpoint},
             "rng": rng_state(),
+            "validation": {k: b.state_dict() for k, b in self.validation.items() if b is not None},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -178,6 +205,10 @@ class OnlineRunner:
         for k, v in state["counters"].items():
             setattr(self, k, v)
         set_rng_state(state["rng"])
+        for name, buf_state in state.get("validation", {}).items():
+            if self.validation.get(name) is None:
+                self.validation[name] = self._new_validation_buffer()
+            self.validation[name].load_state_dict(buf_state)
 
     def _maybe_resume(self) -> None:
         if self.checkpointer.latest() is None:
@@ -220,26 +251,29 @@ class OnlineRunner:
                 builder.start(i, td[NEXT_OBS][i], td[NEXT_EPISODE][i], self.spec.action_dim)
         return td[NEXT_OBS], td[DONE].clone()
 
-    def _num_updates_due(self) -> int:
+    def _updates_due(self) -> dict[str, int]:
+        """Updates per pathway for this step: pretraining once, then the schedule's counts."""
         if self.agent_steps < self.seed_steps or self.replay.num_episodes == 0:
-            return 0
+            return {}
         if not self.pretrained:
             self.pretrained = True
-            _log.info("pretraining: %d updates on %d seed steps", self.seed_steps,
+            _log.info("pretraining: %d full updates on %d seed steps", self.seed_steps,
                       self.agent_steps)
-            return self.seed_steps
-        self.update_credit += self.spec.num_envs * self.utd_ratio
-        n = int(self.update_credit)
-        self.update_credit -= n
-        return n
+            return {"full": self.seed_steps}
+        due = {}
+        for name, count in self.schedule.items():
+            self.update_credit[name] += self.spec.num_envs * count
+            due[name] = int(self.update_credit[name])
+            self.update_credit[name] -= due[name]
+        return due
 
-    def _update(self, n: int, timers: dict[str, float]) -> None:
+    def _update(self, due: dict[str, int], timers: dict[str, float]) -> None:
         t0 = time.perf_counter()
-        for _ in range(n):
-            metrics = self.agent.update(self.replay.sample())
-            self.num_updates += 1
-            if self.num_updates % self.log_every == 0:
-                self._log_update(metrics)
+        for pathway, n in due.items():
+            for _ in range(n):
+                metrics = self.agent.update(self.replay.sample(), pathway)
+                if self.num_updates % self.log_every == 0:
+                    self._log_update(metrics)
         timers["update"] += time.perf_counter() - t0
 
     def _log_update(self, metrics: TensorDict) -> None:
@@ -254,9 +288,15 @@ class OnlineRunner:
                             self.env_step)
         self.logger.scalars("train", {k.split("/", 1)[1]: v for k, v in values.items()
                                       if k.startswith("stats/")}, self.env_step)
+        self.logger.scalars("grad", {k.split("/", 1)[1]: v for k, v in values.items()
+                                     if k.startswith("grad/")}, self.env_step)
         self.logger.scalars("train", {"num_updates": self.num_updates}, self.env_step)
         if self.agent.planner.last_stats:
             self.logger.scalars("plan", self.agent.planner.last_stats, self.env_step)
+
+    def _new_validation_buffer(self):
+        return self._replay_factory(self.spec, seed=self.seed + 2, device=self.device,
+                                    capacity=self.validation["validation_all"].capacity)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -264,17 +304,40 @@ class OnlineRunner:
         results: dict[str, float] = {}
         modes = [("reward", True)] + ([("reward_policy", False)] if self.eval_policy_prior else [])
         for name, use_planner in modes:
-            returns, lengths = _run_episodes(self.eval_env, self.agent, use_planner)
+            returns, lengths, episodes = _run_episodes(self.eval_env, self.agent, use_planner)
             results[name] = float(np.mean(returns))
             if name == "reward":
                 results["reward_std"] = float(np.std(returns))
                 results["episode_length"] = float(np.mean(lengths))
+                if self.validation:
+                    self._store_validation(episodes)
         self.logger.eval(self.env_step, results["reward"],
                          **{k: v for k, v in results.items() if k != "reward"})
         self.last_eval_step = self.env_step
         _log.info("eval at env step %d: %s", self.env_step,
                   ", ".join(f"{k}={v:.1f}" for k, v in results.items()))
+        if self.validation:
+            self.validate()
         return results
+
+    def _store_validation(self, episodes: list[TensorDict]) -> None:
+        """Evaluation episodes go to the `all` buffer and replace the `recent` one."""
+        self.validation["validation_recent"] = self._new_validation_buffer()
+        for ep in episodes:
+            self.validation["validation_all"].add(ep)
+            self.validation["validation_recent"].add(ep)
+
+    def validate(self) -> dict[str, dict[str, float]]:
+        """Every loss on held-out batches, without gradients or training-state changes."""
+        out = {}
+        for name, buf in self.validation.items():
+            if buf is None or buf.num_valid_starts == 0:
+                continue
+            terms = [self.agent.validate(buf.sample()) for _ in range(self.validation_batches)]
+            mean = {k: torch.stack([t[k] for t in terms]).mean() for k in terms[0].keys()}
+            self.logger.scalars(name, mean, self.env_step)
+            out[name] = {k: float(v) for k, v in mean.items()}
+        return out
 
     # -- the schedule -----------------------------------------------------------------
     def run(self) -> None:
@@ -293,7 +356,7 @@ class OnlineRunner:
         last_time, last_step = time.perf_counter(), self.env_step
         while self.env_step < self.total_env_steps:
             obs, is_first = self._collect(obs, is_first, builder, timers)
-            self._update(self._num_updates_due(), timers)
+            self._update(self._updates_due(), timers)
             if self.env_step >= self.next_eval:
                 self.evaluate()
                 self.next_eval += self.eval_every
@@ -317,18 +380,27 @@ class OnlineRunner:
             self.eval_env.close()
 
 
-def _run_episodes(env, agent, use_planner: bool) -> tuple[list[float], list[int]]:
-    """One episode in each of the env's E envs; returns their returns and lengths."""
+def _run_episodes(env, agent, use_planner: bool):
+    """One episode in each of the env's E envs: their returns, lengths and the episodes."""
     E = env.spec.num_envs
     td = env.reset()
+    builder = EpisodeBuilder(E)
+    for i in range(E):
+        builder.start(i, td[OBS][i], td[EPISODE][i], env.spec.action_dim)
     obs, is_first = td[OBS], torch.ones(E, dtype=torch.bool)
     returns, lengths = np.zeros(E), np.zeros(E, dtype=int)
     running = np.ones(E, dtype=bool)
+    episodes: list[TensorDict] = []
     while running.any():
         action = agent.act(obs, is_first, eval_mode=True, use_planner=use_planner)
         td = env.step(action)
         returns[running] += td[REWARD].numpy()[running]
         lengths[running] += 1
+        for i in np.flatnonzero(running):
+            builder.append(i, td[OBS][i], action[i], td[REWARD][i], td[TERMINATED][i],
+                           td[EPISODE][i])
+            if td[DONE][i]:
+                episodes.append(builder.finish(i))
         running &= ~td[DONE].numpy()
         obs, is_first = td[NEXT_OBS], td[DONE].clone()
-    return returns.tolist(), lengths.tolist()
+    return returns.tolist(), lengths.tolist(), episodes

@@ -20,9 +20,12 @@ import torch
 pytest.importorskip("envpool")
 
 ROOT = Path(__file__).resolve().parents[1]
+# Measured on 2 CPU cores (2026-11-24), seed 1, gin/quick_cpu.gin: the random policy scores
+# 315 (4 episodes); the planner's evaluation return was 660 at 10k env steps and 990 at
+# 20k (about 8.5 minutes). The threshold sits halfway between random and that.
 TASK = "cartpole-balance"
 ENV_STEPS = 20_000  # env steps (action repeat 2, summed over 2 envs)
-THRESHOLD = 700.0  # eval return of the deterministic planner at the last evaluation
+THRESHOLD = 650.0  # eval return of the deterministic planner at the last evaluation
 
 
 def random_policy_return(task: str, episodes: int = 4, seed: int = 100_001) -> float:
