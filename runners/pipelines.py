@@ -361,8 +361,8 @@ class OnlineRunner:
                 self.evaluate()
                 self.next_eval += self.eval_every
             if self.env_step >= self.next_checkpoint:
+                self.next_checkpoint += self.checkpoint_every  # before saving: resume moves on
                 self.save()
-                self.next_checkpoint += self.checkpoint_every
             self.logger.advance(self.env_step)
             if time.perf_counter() - last_time > 30:
                 now = time.perf_counter()

@@ -153,3 +153,5 @@ def test_killed_run_resumes(tmp_path):
     steps = [int(r[0]) for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == 4000
     assert sorted(ckpt_dir.glob("step_*"))[-1].name.endswith("4000")
+    # the schedule carries on from the checkpoint: no extra checkpoint right after resuming
+    assert all(int(p.name.split("_")[1]) % 400 == 0 for p in ckpt_dir.glob("step_*"))
