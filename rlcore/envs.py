@@ -516,6 +516,8 @@ class GymnasiumVecEnv(_VecEnvBase):
             `max_episode_steps`. Episodes are truncated at this limit (the env's own
             TimeLimit, if any, still applies).
         episodic: whether episodes can end by termination (copied to `EnvSpec.episodic`).
+        render_mode: passed to `gymnasium.make` (or to a factory that accepts it); use
+            `'rgb_array'` to record videos with `render()`.
 
     Shapes: action [E, A] -> OBS [E, D] float32, REWARD [E].
     """
@@ -529,6 +531,7 @@ class GymnasiumVecEnv(_VecEnvBase):
         action_repeat: int = 1,
         max_episode_steps: int | None = None,
         episodic: bool = True,
+        render_mode: str | None = None,
     ) -> None:
         import gymnasium
 
@@ -537,10 +540,14 @@ class GymnasiumVecEnv(_VecEnvBase):
         if isinstance(env, str):
             task = env
             kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+            if render_mode is not None:
+                kwargs["render_mode"] = render_mode
             factory = functools.partial(_make_registered, env, **kwargs)
         elif callable(env):
             task = getattr(env, "__name__", type(env).__name__)
             factory = env
+            if render_mode is not None and _accepts(env, "render_mode"):
+                factory = functools.partial(env, render_mode=render_mode)
         else:
             raise TypeError(f"env must be a gymnasium id or a zero-argument callable, got {env!r}")
         self.envs = [factory() for _ in range(num_envs)]
@@ -620,10 +627,41 @@ class GymnasiumVecEnv(_VecEnvBase):
         self._seeded = True
         return env_ids, obs
 
+    def render(self, size: int = 256) -> np.ndarray:
+        """The current frame of every env, resized to size x size.  -> uint8 [E, size, size, 3].
+
+        Needs envs created with `render_mode='rgb_array'`. Where an episode just ended,
+        `step()` has already reset the env, so the frame shows the new episode's start.
+        """
+        from rlcore.video import resize_frames
+
+        frames = np.empty((self._num_envs, size, size, 3), np.uint8)
+        for i, env in enumerate(self.envs):
+            frame = env.render()
+            if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[-1] < 3:
+                raise RuntimeError(
+                    f"{self.spec.task!r}: render() returned {type(frame).__name__}, not an RGB "
+                    f"array; create GymnasiumVecEnv with render_mode='rgb_array' (a factory "
+                    f"must accept a render_mode argument or build its env with it)"
+                )
+            frames[i] = resize_frames(np.ascontiguousarray(frame[..., :3], np.uint8), size)
+        return frames
+
     def close(self) -> None:
         """Close every env."""
         for env in self.envs:
             env.close()
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether `fn` takes a keyword argument `name` (or **kwargs)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
 def _make_registered(env_id: str, **kwargs: Any) -> Any:

@@ -139,6 +139,11 @@ class MetricLogger:
     # ------------------------------------------------------------------
     # Scalars.
     # ------------------------------------------------------------------
+    @property
+    def writer(self):
+        """The TensorBoard SummaryWriter (None without TensorBoard), for images and videos."""
+        return self._writer
+
     def scalars(self, prefix: str, metrics: Mapping[str, Any], step: int) -> None:
         """Log each metric as `prefix/name` at `step` (non-finite values included).
 

@@ -93,6 +93,9 @@ class OnlineRunner:
             (variant): evaluation episodes fill an `all` and a `recent` buffer and every
             loss is computed there without changing any training state; 0 disables.
         validation_capacity: rows kept in the `all` validation buffer.
+        eval_videos: episodes recorded as mp4 (run_dir/videos) and TensorBoard GIFs at each
+            evaluation (envpool tasks render through dm_control); 0 disables.
+        video_size: video resolution in pixels.
     """
 
     def __init__(self, run_dir: str, *, env: Callable[..., Any], agent: Callable[..., Any],
@@ -103,7 +106,8 @@ class OnlineRunner:
                  eval_policy_prior: bool = True, checkpoint_every: int = 100_000,
                  keep_checkpoints: int = 2, log_every: int = 100, device: str = "auto",
                  num_threads: int | None = None, progress: bool = True,
-                 validation_batches: int = 0, validation_capacity: int = 100_000):
+                 validation_batches: int = 0, validation_capacity: int = 100_000,
+                 eval_videos: int = 0, video_size: int = 256):
         self.schedule = {"full": utd_ratio, "actor_critic": actor_critic_updates,
                          "policy": policy_updates}
         for name, count in self.schedule.items():
@@ -121,6 +125,7 @@ class OnlineRunner:
         self.run_dir = Path(run_dir)
         self.seed, self.total_env_steps = seed, total_env_steps
         self.validation_batches = validation_batches
+        self.eval_videos, self.video_size = eval_videos, video_size
         self.eval_every, self.eval_episodes = eval_every, eval_episodes
         self.eval_policy_prior = eval_policy_prior
         self.checkpoint_every, self.log_every, self.progress = checkpoint_every, log_every, progress
@@ -318,6 +323,12 @@ class OnlineRunner:
                   ", ".join(f"{k}={v:.1f}" for k, v in results.items()))
         if self.validation:
             self.validate()
+        if self.eval_videos:
+            from runners.evaluation import record_videos
+
+            record_videos(self._env_factory, self.env, self.agent, self.run_dir, self.env_step,
+                          episodes=self.eval_videos, size=self.video_size,
+                          seed=self.seed + 100_000, tb_writer=self.logger.writer)
         return results
 
     def _store_validation(self, episodes: list[TensorDict]) -> None:

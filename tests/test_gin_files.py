@@ -103,6 +103,7 @@ def test_every_file_is_covered():
     covered = set(EXPERIMENTS) | set(PRESETS) | set(GIN.glob("model_size/*.gin"))
     covered |= {GIN / "base" / "tdmpc2.gin", GIN / "env" / "dmc_envpool.gin",
                 GIN / "env" / "gymnasium.gin", GIN / "test" / "tiny.gin"}
+    covered |= set(GIN.glob("examples/*.gin"))  # built by tests/runners/test_custom_env.py
     assert {p for p in GIN.rglob("*.gin") if "grids" not in p.parts
             and "ablations" not in p.parts} <= covered, "add new gin files to this test"
 

@@ -1,0 +1,1 @@
+"""Examples of extending the framework from outside it (a user's own environment)."""
