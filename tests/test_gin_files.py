@@ -102,7 +102,8 @@ def test_gin_bindings_spelling_is_accepted():
 def test_every_file_is_covered():
     covered = set(EXPERIMENTS) | set(PRESETS) | set(GIN.glob("model_size/*.gin"))
     covered |= {GIN / "base" / "tdmpc2.gin", GIN / "env" / "dmc_envpool.gin",
-                GIN / "env" / "gymnasium.gin", GIN / "test" / "tiny.gin"}
+                GIN / "env" / "gymnasium.gin", GIN / "env" / "dmc_pixels.gin",
+                GIN / "test" / "tiny.gin"}
     covered |= set(GIN.glob("examples/*.gin"))  # built by tests/runners/test_custom_env.py
     assert {p for p in GIN.rglob("*.gin") if "grids" not in p.parts
             and "ablations" not in p.parts} <= covered, "add new gin files to this test"
