@@ -96,6 +96,8 @@ class OnlineRunner:
         eval_videos: episodes recorded as mp4 (run_dir/videos) and TensorBoard GIFs at each
             evaluation (envpool tasks render through dm_control); 0 disables.
         video_size: video resolution in pixels.
+        export_dataset: write the replay buffer to this HDF5 file at the end of the run
+            (format in components/replay/hdf5.py); None: no export.
     """
 
     def __init__(self, run_dir: str, *, env: Callable[..., Any], agent: Callable[..., Any],
@@ -107,7 +109,8 @@ class OnlineRunner:
                  keep_checkpoints: int = 2, log_every: int = 100, device: str = "auto",
                  num_threads: int | None = None, progress: bool = True,
                  validation_batches: int = 0, validation_capacity: int = 100_000,
-                 eval_videos: int = 0, video_size: int = 256):
+                 eval_videos: int = 0, video_size: int = 256,
+                 export_dataset: str | None = None):
         self.schedule = {"full": utd_ratio, "actor_critic": actor_critic_updates,
                          "policy": policy_updates}
         for name, count in self.schedule.items():
@@ -126,6 +129,7 @@ class OnlineRunner:
         self.seed, self.total_env_steps = seed, total_env_steps
         self.validation_batches = validation_batches
         self.eval_videos, self.video_size = eval_videos, video_size
+        self.export_dataset = export_dataset
         self.eval_every, self.eval_episodes = eval_every, eval_episodes
         self.eval_policy_prior = eval_policy_prior
         self.checkpoint_every, self.log_every, self.progress = checkpoint_every, log_every, progress
@@ -350,6 +354,17 @@ class OnlineRunner:
             out[name] = {k: float(v) for k, v in mean.items()}
         return out
 
+    def _export(self) -> None:
+        from components.replay.hdf5 import DatasetError, export_replay
+
+        try:
+            export_replay(self.replay, self.spec, self.export_dataset, overwrite=True,
+                          source=str(self.run_dir.resolve()), source_env_step=self.env_step,
+                          source_updates=self.num_updates, seed=self.seed)
+        except DatasetError as e:
+            raise RunError(str(e)) from None
+        _log.info("exported the replay buffer to %s", self.export_dataset)
+
     # -- the schedule -----------------------------------------------------------------
     def run(self) -> None:
         self._maybe_resume()
@@ -384,6 +399,8 @@ class OnlineRunner:
         if self.eval_env is not None and self.last_eval_step < self.env_step:
             self.evaluate()
         self.save()
+        if self.export_dataset:
+            self._export()
         self.logger.scalars("time", timers, self.env_step)
         self.logger.close()
         self.env.close()
