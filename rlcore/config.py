@@ -33,7 +33,7 @@ def _known_names() -> list[str]:
     try:  # gin-configurable roots (runners) registered with gin directly
         from gin import config as _gc
 
-        for selector in _gc._REGISTRY.get_all_matches(""):  # type: ignore[attr-defined]
+        for selector in list(_gc._REGISTRY._selector_map):  # type: ignore[attr-defined]
             names.append(selector)
             names.append(selector.rsplit(".", 1)[-1])
     except Exception:  # noqa: BLE001 - gin internals differ across versions; names are a hint
