@@ -169,16 +169,26 @@ class OnlineRunner:
 
     # -- run directory ----------------------------------------------------------------
     def _check_run_dir(self) -> None:
+        """Refuse a run dir whose saved config differs from this one.
+
+        Every saved binding must be unchanged. Bindings only the new config has (a
+        parameter added to the code since, with its default) are accepted with a warning.
+        """
         saved = self.run_dir / CONFIG_FILE
-        if saved.exists() and _strip_comments(saved.read_text()) != _strip_comments(
-                self.operative_config):
-            new = set(_strip_comments(self.operative_config))
-            old = set(_strip_comments(saved.read_text()))
-            diff = [f"  - {ln}" for ln in sorted(old - new)] + [f"  + {ln}" for ln in sorted(new - old)]
+        if not saved.exists():
+            return
+        new = set(_strip_comments(self.operative_config))
+        old = set(_strip_comments(saved.read_text()))
+        if old - new:
+            diff = [f"  - {ln}" for ln in sorted(old - new)] + \
+                [f"  + {ln}" for ln in sorted(new - old)]
             raise RunError(
                 f"--run_dir {self.run_dir} holds a run with a different config:\n"
                 + "\n".join(diff[:20]) + "\nResume it with its own config (pass no --gin_file, "
                 "or the same files and bindings), or choose a new --run_dir.")
+        if new - old:
+            _log.warning("resuming %s with bindings its config.gin lacks (new parameters at "
+                         "their defaults): %s", self.run_dir, "; ".join(sorted(new - old)))
 
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
