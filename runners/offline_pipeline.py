@@ -48,27 +48,11 @@ from rlcore.logging import MetricLogger
 from rlcore.seeding import rng_state, seed_everything, set_rng_state
 from rlcore.types import EnvSpec
 from runners.common import CONFIG_FILE, RunError, select_device
-from runners.pipelines import _run_episodes, _strip_comments
+from runners.pipelines import _run_episodes, check_run_dir
 
 _log = logging.getLogger("runners")
 
 EVAL_SEED_OFFSET = 100_000  # evaluation envs and noise use seed + this (as OnlineRunner)
-
-
-def check_run_dir(run_dir: Path, operative_config: str) -> None:
-    """Refuse a run directory whose config.gin differs from `operative_config`."""
-    saved = run_dir / CONFIG_FILE
-    if not saved.exists():
-        return
-    old, new = _strip_comments(saved.read_text()), _strip_comments(operative_config)
-    if old == new:
-        return
-    diff = [f"  - {ln}" for ln in sorted(set(old) - set(new))]
-    diff += [f"  + {ln}" for ln in sorted(set(new) - set(old))]
-    raise RunError(
-        f"--run_dir {run_dir} holds a run with a different config:\n" + "\n".join(diff[:20])
-        + "\nResume it with its own config (pass no --gin_file, or the same files, bindings "
-        "and --dataset flags), or choose a new --run_dir.")
 
 
 def _sampler_state(buffer: Any) -> dict[str, Any]:

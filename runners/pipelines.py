@@ -42,6 +42,28 @@ def _strip_comments(text: str) -> list[str]:
     return [ln.rstrip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
+def check_run_dir(run_dir: Path, operative_config: str) -> None:
+    """Refuse a run dir whose saved config.gin differs from `operative_config`.
+
+    Every saved binding must be unchanged. Bindings only the new config has (a parameter
+    added to the code since, at its default) are accepted with a warning.
+    """
+    saved = run_dir / CONFIG_FILE
+    if not saved.exists():
+        return
+    new = set(_strip_comments(operative_config))
+    old = set(_strip_comments(saved.read_text()))
+    if old - new:
+        diff = [f"  - {ln}" for ln in sorted(old - new)] + [f"  + {ln}" for ln in sorted(new - old)]
+        raise RunError(
+            f"--run_dir {run_dir} holds a run with a different config:\n" + "\n".join(diff[:20])
+            + "\nResume it with its own config (pass no --gin_file, or the same files and "
+            "bindings), or choose a new --run_dir.")
+    if new - old:
+        _log.warning("resuming %s with bindings its config.gin lacks (new parameters at their "
+                     "defaults): %s", run_dir, "; ".join(sorted(new - old)))
+
+
 class EpisodeBuilder:
     """Collects the rows of the E in-flight episodes; hands back each one as it ends.
 
@@ -153,7 +175,7 @@ class OnlineRunner:
         } if validation_batches else {}
         self.operative_config = gin.operative_config_str()
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=keep_checkpoints)
-        self._check_run_dir()
+        check_run_dir(self.run_dir, self.operative_config)
         # Counters (env steps include the action repeat and are summed over envs).
         self.env_step = 0
         self.agent_steps = 0
@@ -168,28 +190,6 @@ class OnlineRunner:
         return self.agent.num_updates
 
     # -- run directory ----------------------------------------------------------------
-    def _check_run_dir(self) -> None:
-        """Refuse a run dir whose saved config differs from this one.
-
-        Every saved binding must be unchanged. Bindings only the new config has (a
-        parameter added to the code since, with its default) are accepted with a warning.
-        """
-        saved = self.run_dir / CONFIG_FILE
-        if not saved.exists():
-            return
-        new = set(_strip_comments(self.operative_config))
-        old = set(_strip_comments(saved.read_text()))
-        if old - new:
-            diff = [f"  - {ln}" for ln in sorted(old - new)] + \
-                [f"  + {ln}" for ln in sorted(new - old)]
-            raise RunError(
-                f"--run_dir {self.run_dir} holds a run with a different config:\n"
-                + "\n".join(diff[:20]) + "\nResume it with its own config (pass no --gin_file, "
-                "or the same files and bindings), or choose a new --run_dir.")
-        if new - old:
-            _log.warning("resuming %s with bindings its config.gin lacks (new parameters at "
-                         "their defaults): %s", self.run_dir, "; ".join(sorted(new - old)))
-
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.run_dir / CONFIG_FILE
