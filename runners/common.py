@@ -66,10 +66,38 @@ def list_components() -> str:
     return registry.describe()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each record.
+
+    A handler bound to the stderr object of the moment breaks once that object is closed
+    (an entry point called in-process by a test under output capture, then a later log).
+    """
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging() -> None:
+    """INFO logs to stderr with timestamps, once per process."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None, description: str, run: Callable[[argparse.Namespace], int]) -> int:
     """Parse flags, load gin, call `run(args)`; map user errors to exit code 2."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    configure_logging()
     args = make_parser(description).parse_args(argv)
     if args.list_components:
         sys.stdout.write(list_components() + "\n")

@@ -15,7 +15,6 @@ message and exit code 2, before anything is written.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -90,8 +89,7 @@ def _evaluate(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    common.configure_logging()
     args = _parser().parse_args(argv)
     if args.list_components:
         sys.stdout.write(common.list_components() + "\n")
