@@ -19,10 +19,33 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+try:  # submitit configures its logging at import: do it once here, not inside a captured test
+    import submitit  # noqa: F401
+except ImportError:
+    pass
+
 # Tiny sizes shared by the component tests: latent 16 (two SimNorm groups), hidden 32.
 TINY_LATENT = 16
 TINY_HIDDEN = 32
 TINY_BINS = 21
+
+
+@pytest.fixture(autouse=True)
+def _root_log_handlers_to_real_stderr():
+    """Libraries imported inside a test (dm_control, submitit) add StreamHandlers bound to
+    the stderr of that moment, which under pytest is a capture stream closed later; point
+    them at the real stderr after each test so later logs (and logging at interpreter exit)
+    never hit a closed file."""
+    import logging
+
+    yield
+    loggers = [logging.root] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if type(handler) is logging.StreamHandler and handler.stream not in (
+                    sys.__stderr__, sys.__stdout__):
+                handler.setStream(sys.__stderr__)
 
 
 @pytest.fixture(autouse=True)
