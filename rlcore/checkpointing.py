@@ -74,8 +74,8 @@ class _HashingWriter:
         self._file.flush()
 
 
-def _fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (renames) where the OS supports it."""
+def fsync_path(path: Path) -> None:
+    """Persist a file or a directory's entries (renames) where the OS supports it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -225,7 +225,7 @@ class Checkpointer:
                 json.dump(sentinel, f)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_path(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -237,11 +237,11 @@ class Checkpointer:
                 shutil.rmtree(old)
             os.replace(final, old)
             os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
 
         self._prune()
         return final

@@ -88,6 +88,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
+from rlcore.checkpointing import fsync_path
 from rlcore.types import ACTION, EPISODE, OBS, REWARD, TERMINATED, EnvSpec
 
 __all__ = [
@@ -293,19 +294,6 @@ class _RowWriter:
         return _info_from_attrs("", self.file.attrs)
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_episodes(path: str | os.PathLike[str], episodes: Iterable[TensorDict], spec: EnvSpec,
                    *, meta: dict[str, Any] | None = None, overwrite: bool = False,
                    compression: str | None = None, compression_opts: Any = None,
@@ -347,12 +335,12 @@ def write_episodes(path: str | os.PathLike[str], episodes: Iterable[TensorDict],
                 raise DatasetError(f"no episodes to write to {path}; a dataset needs at least "
                                    "one complete episode")
             info = writer.finish(dict(meta or {}))
-        _fsync(tmp)
+        fsync_path(tmp)
         if overwrite:
             os.replace(tmp, path)
         else:
             _rename_no_clobber(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return dataclasses.replace(info, path=str(path))
