@@ -57,6 +57,20 @@ def config_files_for(run_dir: str | None, gin_files: Sequence[str]) -> list[str]
                       "Pass e.g. --gin_file=gin/tdmpc2_dog.gin")
 
 
+def build_and_run(runner_cls: Callable[[str], object], run_dir: str | None, prefix: str) -> int:
+    """Build a pipeline (bad values surface as ConfigError) and run it in `run_dir`
+    (default `runs/<prefix>-<time>`)."""
+    import time
+
+    run_dir = run_dir or str(Path("runs") / time.strftime(f"{prefix}-%Y%m%d-%H%M%S"))
+    try:
+        runner = runner_cls(run_dir)
+    except (ValueError, TypeError) as e:  # bad values reach components as they are built
+        raise ConfigError(f"could not build the run: {e}") from None
+    runner.run()
+    return 0
+
+
 def list_components() -> str:
     import components
     import rlcore.envs  # noqa: F401 - registers the env layer

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from runners import common
@@ -49,13 +48,7 @@ def _run(args, datasets: list[str]) -> int:
 
     if datasets:
         _add_datasets(datasets)
-    run_dir = args.run_dir or str(Path("runs") / time.strftime("offline-%Y%m%d-%H%M%S"))
-    try:
-        runner = OfflineRunner(run_dir)
-    except (ValueError, TypeError) as e:  # bad values reach components as they are built
-        raise common.ConfigError(f"could not build the run: {e}") from None
-    runner.run()
-    return 0
+    return common.build_and_run(OfflineRunner, args.run_dir, "offline")
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,6 @@ An existing --run_dir resumes from its newest complete checkpoint.
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
 
 from runners import common
 
@@ -16,13 +14,7 @@ from runners import common
 def _run(args) -> int:
     from runners.pipelines import OnlineRunner
 
-    run_dir = args.run_dir or str(Path("runs") / time.strftime("online-%Y%m%d-%H%M%S"))
-    try:
-        runner = OnlineRunner(run_dir)
-    except (ValueError, TypeError) as e:  # bad values reach components as they are built
-        raise common.ConfigError(f"could not build the run: {e}") from None
-    runner.run()
-    return 0
+    return common.build_and_run(OnlineRunner, args.run_dir, "online")
 
 
 def main(argv=None) -> int:
