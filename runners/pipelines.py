@@ -100,6 +100,8 @@ class OnlineRunner:
         total_env_steps: env steps of the run, summed over envs (action repeat included).
         seed_steps: agent steps (summed over envs) of uniform random actions before the
             first update; None means max(1000, 5 * episode_length) (SPEC §6).
+        pretrain_updates: full updates run once when seeding ends; None means seed_steps
+            (TD-MPC2's choice).
         utd_ratio: full updates per agent step per env after seeding.
         policy_updates, actor_critic_updates: policy-only and actor-critic updates per
             agent step per env (variant update pathways); fractional counts accumulate.
@@ -124,7 +126,8 @@ class OnlineRunner:
 
     def __init__(self, run_dir: str, *, env: Callable[..., Any], agent: Callable[..., Any],
                  replay: Callable[..., Any], seed: int = 1, total_env_steps: int = 1_000_000,
-                 seed_steps: int | None = None, utd_ratio: float = 1.0,
+                 seed_steps: int | None = None, pretrain_updates: int | None = None,
+                 utd_ratio: float = 1.0,
                  policy_updates: float = 0.0, actor_critic_updates: float = 0.0,
                  eval_every: int = 50_000, eval_episodes: int = 10,
                  eval_policy_prior: bool = True, checkpoint_every: int = 100_000,
@@ -165,6 +168,10 @@ class OnlineRunner:
         self.replay = replay(self.spec, seed=seed, device=self.device)
         self.seed_steps = seed_steps if seed_steps is not None else max(
             1000, 5 * self.spec.episode_length)
+        if pretrain_updates is not None and pretrain_updates < 0:
+            raise RunError(f"OnlineRunner.pretrain_updates must be >= 0 (or None), got "
+                           f"{pretrain_updates}")
+        self.pretrain_updates = self.seed_steps if pretrain_updates is None else pretrain_updates
         self.eval_env = env(num_envs=eval_episodes, seed=seed + 100_000) \
             if eval_every or eval_episodes else None
         self._replay_factory = replay
@@ -184,10 +191,35 @@ class OnlineRunner:
         self.last_eval_step = -1
         self.next_eval = eval_every if eval_every else math.inf
         self.next_checkpoint = checkpoint_every if checkpoint_every else math.inf
+        # Wall time per part of the loop (seconds), and marks around the steady phase.
+        self.timers = {k: 0.0 for k in ("env", "plan", "update", "replay", "log", "eval",
+                                        "checkpoint")}
+        self.steady_start: dict[str, Any] | None = None
+        self.steady_end: dict[str, Any] | None = None
 
     @property
     def num_updates(self) -> int:
         return self.agent.num_updates
+
+    # -- throughput -------------------------------------------------------------------
+    def _time_mark(self) -> dict[str, Any]:
+        return {"time": time.perf_counter(), "env_step": self.env_step,
+                "num_updates": self.num_updates, "timers": dict(self.timers)}
+
+    def throughput(self) -> dict[str, Any] | None:
+        """Env steps/s and the share of wall time per part (env, plan, update, replay,
+        log, eval, checkpoint, other) from the end of pretraining to the end of the loop
+        of the last `run()`; None when the run never got past pretraining."""
+        start, end = self.steady_start, self.steady_end
+        if start is None or end is None or end["env_step"] <= start["env_step"]:
+            return None
+        wall = end["time"] - start["time"]
+        parts = {k: end["timers"][k] - start["timers"].get(k, 0.0) for k in end["timers"]}
+        parts["other"] = max(wall - sum(parts.values()), 0.0)
+        return {"env_steps": end["env_step"] - start["env_step"],
+                "updates": end["num_updates"] - start["num_updates"], "seconds": wall,
+                "env_steps_per_second": (end["env_step"] - start["env_step"]) / wall,
+                "share": {k: v / wall for k, v in parts.items()}, "seconds_per_part": parts}
 
     # -- run directory ----------------------------------------------------------------
     def _write_run_files(self) -> None:
@@ -268,6 +300,7 @@ class OnlineRunner:
                 ret = float(episode[REWARD][1:].sum())
                 self.logger.episode(ret, len(episode) - 1, self.env_step)
                 builder.start(i, td[NEXT_OBS][i], td[NEXT_EPISODE][i], self.spec.action_dim)
+        timers["replay"] += time.perf_counter() - t2
         return td[NEXT_OBS], td[DONE].clone()
 
     def _updates_due(self) -> dict[str, int]:
@@ -276,9 +309,9 @@ class OnlineRunner:
             return {}
         if not self.pretrained:
             self.pretrained = True
-            _log.info("pretraining: %d full updates on %d seed steps", self.seed_steps,
+            _log.info("pretraining: %d full updates on %d seed steps", self.pretrain_updates,
                       self.agent_steps)
-            return {"full": self.seed_steps}
+            return {"full": self.pretrain_updates}
         due = {}
         for name, count in self.schedule.items():
             self.update_credit[name] += self.spec.num_envs * count
@@ -287,13 +320,18 @@ class OnlineRunner:
         return due
 
     def _update(self, due: dict[str, int], timers: dict[str, float]) -> None:
-        t0 = time.perf_counter()
         for pathway, n in due.items():
             for _ in range(n):
-                metrics = self.agent.update(self.replay.sample(), pathway)
+                t0 = time.perf_counter()
+                batch = self.replay.sample()
+                t1 = time.perf_counter()
+                metrics = self.agent.update(batch, pathway)
+                t2 = time.perf_counter()
                 if self.num_updates % self.log_every == 0:
                     self._log_update(metrics)
-        timers["update"] += time.perf_counter() - t0
+                timers["replay"] += t1 - t0
+                timers["update"] += t2 - t1
+                timers["log"] += time.perf_counter() - t2
 
     def _log_update(self, metrics: TensorDict) -> None:
         values = {k: v for k, v in metrics.items()}
@@ -383,7 +421,7 @@ class OnlineRunner:
                                    progress=self.progress, resume_step=self.env_step)
         if self.env_step == 0:
             self.logger.config(self.operative_config)
-        timers = {"env": 0.0, "plan": 0.0, "update": 0.0}
+        timers = self.timers
         builder = EpisodeBuilder(self.spec.num_envs)
         td = self.env.reset()
         for i in range(self.spec.num_envs):
@@ -393,12 +431,17 @@ class OnlineRunner:
         while self.env_step < self.total_env_steps:
             obs, is_first = self._collect(obs, is_first, builder, timers)
             self._update(self._updates_due(), timers)
+            if self.pretrained and self.steady_start is None:  # pretraining just ended
+                self.steady_start = self._time_mark()
+            t0 = time.perf_counter()
             if self.env_step >= self.next_eval:
                 self.evaluate()
                 self.next_eval += self.eval_every
+            t1 = time.perf_counter()
             if self.env_step >= self.next_checkpoint:
                 self.next_checkpoint += self.checkpoint_every  # before saving: resume moves on
                 self.save()
+            t2 = time.perf_counter()
             self.logger.advance(self.env_step)
             if time.perf_counter() - last_time > 30:
                 now = time.perf_counter()
@@ -406,6 +449,10 @@ class OnlineRunner:
                                              (self.env_step - last_step) / (now - last_time)},
                                     self.env_step)
                 last_time, last_step = now, self.env_step
+            timers["eval"] += t1 - t0
+            timers["checkpoint"] += t2 - t1
+            timers["log"] += time.perf_counter() - t2
+        self.steady_end = self._time_mark()
         if self.eval_env is not None and self.last_eval_step < self.env_step:
             self.evaluate()
         self.save()

@@ -1,0 +1,339 @@
+"""Speed benchmark: `python -m runners.bench [--gin_file=gin/tdmpc2_dog.gin] [--out=bench.json]`.
+
+One run reports, for a gin config (default: dog-run, 5M model, paper planner settings):
+
+- median and spread (p10-p90) of one planning call for E = 1 and E = 8 envs (observation
+  in, action out: encode + plan), one update (batch from the config, 256 by default), one
+  replay sample and one env step;
+- end-to-end env steps/s of online training past seeding and pretraining, with the share
+  of wall time in env, planning, updates, replay, logging and the rest;
+- the FLOPs one planning call and one update need, counted by `torch.utils.flop_counter`
+  (matrix products: linear layers, batched ensemble matmuls and convolutions, forward and
+  backward; elementwise work is not counted), the achieved GFLOP/s, and a plain fp32
+  matmul's GFLOP/s measured in the same run, so efficiency is a ratio that survives a
+  noisy machine;
+- peak memory (RSS; CUDA memory on a GPU) and replay bytes per stored step.
+
+The table goes to stdout, everything to a JSON file. Figures only: nothing here asserts a
+speed. The end-to-end phase trains for real (a short seeding phase and a few pretraining
+updates first, see the flags) in a temporary run directory that is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rlcore.config import load_gin
+from runners import common
+
+DEFAULT_GIN = "gin/tdmpc2_dog.gin"
+_log = logging.getLogger("runners")
+
+
+# -- measuring --------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], repeats: int, device: torch.device, *,
+               warmup: int = 1) -> list[float]:
+    """Wall seconds of `repeats` calls of `fn` (after `warmup` untimed ones)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def summarize(seconds: Sequence[float]) -> dict[str, float]:
+    """Median and spread (p10, p90, min, max) of timings, in milliseconds."""
+    ms = sorted(s * 1e3 for s in seconds)
+    q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else [ms[0]] * 9
+    return {"median_ms": statistics.median(ms), "p10_ms": q[0], "p90_ms": q[8],
+            "min_ms": ms[0], "max_ms": ms[-1], "n": len(ms)}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of `fn` as counted by torch's FlopCounterMode (matrix products,
+    forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_reference(device: torch.device, *, n: int = 2048, repeats: int = 10) -> dict[str, Any]:
+    """GFLOP/s of a plain fp32 [n, n] @ [n, n] matmul on `device` (2 n^3 FLOPs a call)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device)
+    b = torch.randn(n, n, generator=g).to(device)
+    out = torch.empty(n, n, device=device)
+    times = time_calls(lambda: torch.mm(a, b, out=out), repeats, device, warmup=2)
+    flops = 2 * n ** 3
+    return {"n": n, "flops": flops, "gflops_per_s": flops / statistics.median(times) / 1e9,
+            **summarize(times)}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "platform": platform.platform(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        info["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
+def _with_rate(timing: dict[str, float], flops: int, matmul_gflops: float) -> dict[str, Any]:
+    gflops = flops / (timing["median_ms"] / 1e3) / 1e9
+    return {**timing, "flops": flops, "gflops_per_s": gflops,
+            "matmul_fraction": gflops / matmul_gflops}
+
+
+# -- the benchmark ----------------------------------------------------------------------
+def _random_obs(spec, E: int, device) -> torch.Tensor:
+    if spec.obs_type == "pixels":
+        return torch.randint(0, 256, (E, *spec.obs_shape), dtype=torch.uint8)
+    return torch.randn(E, *spec.obs_shape)
+
+
+def _end_to_end(runner, agent_steps: int) -> dict[str, Any] | None:
+    """Seed, pretrain, then `agent_steps` agent steps of online training; throughput of
+    the part after pretraining."""
+    spec = runner.spec
+    runner.total_env_steps = (runner.seed_steps + agent_steps) * spec.action_repeat
+    runner.run()
+    return runner.throughput()
+
+
+def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
+              sample_repeats: int, run_dir: str) -> dict[str, Any]:
+    from runners.pipelines import OnlineRunner
+
+    runner = OnlineRunner(run_dir)
+    agent, replay, spec, device = runner.agent, runner.replay, runner.spec, runner.device
+    result: dict[str, Any] = {"machine": machine_info(device)}
+    result["config"] = {
+        "task": getattr(spec, "task", None) or getattr(runner.env, "task", None),
+        "obs_shape": list(spec.obs_shape), "action_dim": spec.action_dim,
+        "model_parameters": sum(p.numel() for p in agent.model.parameters()
+                                if p.requires_grad),
+        "planner": type(agent.planner).__name__,
+        "planner_iterations": agent.planner.iterations,
+        "num_samples": agent.planner.num_samples, "horizon": agent.planner.horizon,
+        "batch_size": replay.batch_size, "aux_discounts": agent.model.aux_discounts.tolist(),
+        "seed_steps": runner.seed_steps, "pretrain_updates": runner.pretrain_updates,
+    }
+    _log.info("bench: matmul reference")
+    mm_before = matmul_reference(device, repeats=repeats)
+
+    # End-to-end first: it also fills the replay with real episodes for the parts below.
+    result["end_to_end"] = None
+    if e2e_agent_steps > 0:
+        _log.info("bench: end-to-end (%d seed steps, %d pretraining updates, %d agent steps)",
+                  runner.seed_steps, runner.pretrain_updates, e2e_agent_steps)
+        result["end_to_end"] = _end_to_end(runner, e2e_agent_steps)
+    else:  # still need data for the update and sample figures
+        runner.total_env_steps = runner.seed_steps * spec.action_repeat
+        runner.pretrain_updates = 0
+        runner.run()
+
+    parts: dict[str, Any] = {}
+    for E in envs:
+        _log.info("bench: planning, E=%d", E)
+        obs = _random_obs(spec, E, device)
+        is_first = torch.zeros(E, dtype=torch.bool)
+        agent.act(obs, torch.ones(E, dtype=torch.bool))  # warm start in place
+        call = lambda: agent.act(obs, is_first)  # noqa: E731
+        parts[f"plan_E{E}"] = (time_calls(call, repeats, device), count_flops(call))
+    _log.info("bench: update")
+    batch = replay.sample()
+    update = lambda: agent.update(batch)  # noqa: E731
+    parts["update"] = (time_calls(update, repeats, device), count_flops(update))
+    _log.info("bench: replay sample and env steps")
+    parts["replay_sample"] = (time_calls(replay.sample, sample_repeats, device), None)
+    env_results = {}
+    for E in envs:
+        env = runner._env_factory(num_envs=E, seed=runner.seed + 7)
+        env.reset()
+        action = torch.rand(E, spec.action_dim) * 2 - 1
+        env_results[f"env_step_E{E}"] = (time_calls(lambda: env.step(action), sample_repeats,
+                                                    device), None)
+        env.close()
+    parts.update(env_results)
+    mm_after = matmul_reference(device, repeats=repeats)
+    mm_gflops = statistics.median([mm_before["gflops_per_s"], mm_after["gflops_per_s"]])
+    result["matmul"] = {"gflops_per_s": mm_gflops, "before": mm_before, "after": mm_after}
+    for name, (times, flops) in parts.items():
+        timing = summarize(times)
+        result[name] = _with_rate(timing, flops, mm_gflops) if flops else timing
+    for E in envs:
+        result[f"env_step_E{E}"]["env_steps_per_second"] = (
+            E * spec.action_repeat / (result[f"env_step_E{E}"]["median_ms"] / 1e3))
+    row_bytes = sum(t.element_size() * t[0].numel() for t in replay._storage.values())
+    result["memory"] = {
+        "peak_rss_bytes": peak_rss_bytes(),
+        "replay_bytes_per_step": row_bytes,
+        "replay_capacity_rows": replay.capacity,
+        "replay_allocated_bytes": row_bytes * replay.capacity,
+    }
+    if device.type == "cuda":
+        result["memory"]["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["memory"]["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    return result
+
+
+# -- output -----------------------------------------------------------------------------
+def format_table(result: dict[str, Any]) -> str:
+    m, cfg = result["machine"], result["config"]
+    mm = result["matmul"]["gflops_per_s"]
+    lines = [
+        f"# {cfg['task']}: {cfg['model_parameters'] / 1e6:.2f}M parameters, "
+        f"{cfg['planner']} ({cfg['planner_iterations']} iterations x {cfg['num_samples']} "
+        f"samples, horizon {cfg['horizon']}), batch {cfg['batch_size']}",
+        f"# {m['date']} | {m.get('gpu') or m['cpu']} | {m['device']} | "
+        f"{m['torch_threads']} threads | torch {m['torch']} | commit {m.get('commit')}",
+        f"# fp32 matmul reference: {mm:.1f} GFLOP/s",
+        "",
+        "| part | median ms | p10-p90 ms | n | GFLOP/call | GFLOP/s | of matmul |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in result.items():
+        if not isinstance(r, dict) or "median_ms" not in r or name == "matmul":
+            continue
+        rate = (f"{r['flops'] / 1e9:.2f} | {r['gflops_per_s']:.1f} | {r['matmul_fraction']:.0%}"
+                if "flops" in r else " | | ")
+        lines.append(f"| {name} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} "
+                     f"| {r['n']} | {rate} |")
+    e2e = result.get("end_to_end")
+    lines.append("")
+    if e2e:
+        share = ", ".join(f"{k} {v:.0%}" for k, v in e2e["share"].items() if v >= 0.005)
+        lines.append(f"end-to-end: {e2e['env_steps_per_second']:.1f} env steps/s over "
+                     f"{e2e['env_steps']} env steps ({e2e['updates']} updates, "
+                     f"{e2e['seconds']:.1f} s); time: {share}")
+    else:
+        lines.append("end-to-end: not measured")
+    mem = result["memory"]
+    mem_line = (f"memory: peak RSS {mem['peak_rss_bytes'] / 2**30:.2f} GiB; replay "
+                f"{mem['replay_bytes_per_step']} B per stored step "
+                f"({mem['replay_allocated_bytes'] / 2**30:.2f} GiB for "
+                f"{mem['replay_capacity_rows']:,} rows)")
+    if "cuda_peak_allocated_bytes" in mem:
+        mem_line += f"; CUDA peak {mem['cuda_peak_allocated_bytes'] / 2**30:.2f} GiB allocated"
+    lines.append(mem_line)
+    return "\n".join(lines)
+
+
+def _parse_envs(text: str) -> list[int]:
+    try:
+        envs = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        envs = []
+    if not envs or min(envs) < 1:
+        raise common.ConfigError(f"--envs must be a comma-separated list of positive "
+                                 f"integers, e.g. 1,8; got {text!r}")
+    return envs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    common.configure_logging()
+    p = argparse.ArgumentParser(description="Benchmark planning, updates and online training.")
+    p.add_argument("--gin_file", action="append", default=[],
+                   help=f"gin file (repeatable; default {DEFAULT_GIN})")
+    p.add_argument("--gin_param", "--gin_bindings", dest="gin_param", action="append",
+                   default=[], help="gin binding (repeatable)")
+    p.add_argument("--out", default="bench.json", help="JSON output path")
+    p.add_argument("--envs", default="1,8", help="env counts E for planning and env steps")
+    p.add_argument("--repeats", type=int, default=10,
+                   help="timed calls of planning, updates and the matmul reference")
+    p.add_argument("--sample_repeats", type=int, default=100,
+                   help="timed replay samples and env steps")
+    p.add_argument("--seed_steps", type=int, default=500,
+                   help="agent steps of random actions that fill the replay first")
+    p.add_argument("--pretrain_updates", type=int, default=10,
+                   help="updates when seeding ends (not timed)")
+    p.add_argument("--e2e_steps", type=int, default=100,
+                   help="agent steps of online training timed end to end (0 skips)")
+    args = p.parse_args(argv)
+    try:
+        envs = _parse_envs(args.envs)
+        for flag in ("repeats", "sample_repeats", "seed_steps"):
+            if getattr(args, flag) < 1:
+                raise common.ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+        out = Path(args.out)
+        if out.exists() and out.is_dir():
+            raise common.ConfigError(f"--out {out} is a directory; give a file path")
+        bench_params = [
+            f"OnlineRunner.seed_steps = {args.seed_steps}",
+            f"OnlineRunner.pretrain_updates = {args.pretrain_updates}",
+            "OnlineRunner.eval_every = 0", "OnlineRunner.eval_episodes = 0",
+            "OnlineRunner.checkpoint_every = 0", "OnlineRunner.progress = False",
+        ]
+        load_gin(args.gin_file or [DEFAULT_GIN], [*args.gin_param, *bench_params],
+                        finalize=False)
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            try:
+                result = run_bench(repeats=args.repeats, envs=envs,
+                                   e2e_agent_steps=args.e2e_steps,
+                                   sample_repeats=args.sample_repeats,
+                                   run_dir=str(Path(tmp) / "run"))
+            except (ValueError, TypeError) as e:
+                raise common.ConfigError(f"could not build the benchmark: {e}") from None
+    except (common.ConfigError, common.RunError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    result["args"] = vars(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.write_text(json.dumps(result, indent=2))
+    tmp_out.replace(out)
+    sys.stdout.write(format_table(result) + f"\n\nsaved {out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
