@@ -1,0 +1,101 @@
+"""The speed paths compute what the plain PyTorch ops compute (README, Benchmarks).
+
+Each fast path is compared with its reference on the same seed: the kernels alone, then
+whole planning calls and updates of an agent, within float tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from components import layers
+from rlcore.types import EnvSpec
+from tests.components.test_agent import make_batch
+
+SPEC = EnvSpec(obs_shape=(5,), action_dim=2, episode_length=500, num_envs=3)
+
+
+def test_mish_matches_torch_everywhere():
+    x = torch.cat([torch.linspace(-100, 100, 4001), torch.randn(4000) * 3,
+                   torch.tensor([0.0, -0.0, 88.7, 89.0, -104.0, 1e4, -1e4])])
+    y = layers.mish(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, F.mish(x), rtol=1e-5, atol=2e-6)
+    xr = x.clone().requires_grad_(True)
+    g = torch.randn_like(x)
+    (ours,) = torch.autograd.grad(layers.mish(xr), xr, g)
+    (ref,) = torch.autograd.grad(F.mish(xr), xr, g)
+    torch.testing.assert_close(ours, ref)
+    with torch.no_grad():
+        torch.testing.assert_close(layers.mish(x), F.mish(x), rtol=1e-5, atol=2e-6)
+
+
+def test_mish_double_backward_falls_back_cleanly():
+    # The module is only ever differentiated once in training; gradcheck the first order.
+    x = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layers.mish, (x,))
+
+
+@pytest.mark.parametrize("shape", [(7, 64), (3, 5, 512), (512,)])
+def test_simnorm_matches_a_grouped_softmax(shape):
+    x = (torch.randn(*shape) * 4).requires_grad_(True)
+    norm = layers.SimNorm(8)
+    ours = norm(x)
+    ref = F.softmax(x.view(*shape[:-1], -1, 8), dim=-1).view(shape)
+    torch.testing.assert_close(ours, ref)
+    g = torch.randn(shape)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0],
+                               torch.autograd.grad(ref, x, g)[0])
+    with layers.reference_kernels():
+        torch.testing.assert_close(norm(x), ref)
+
+
+def _randomize_outputs(agent):
+    """Zero-initialized output layers make every score equal; give them weights so that
+    planning really ranks candidates."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in agent.model.parameters():
+            if p.abs().sum() == 0 and p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        agent.model.sync_copies()
+
+
+def _twins(tiny_agent_factory, **kwargs):
+    torch.manual_seed(0)
+    a = tiny_agent_factory(SPEC, **kwargs)
+    _randomize_outputs(a)
+    return a, copy.deepcopy(a)
+
+
+def _run(agent, steps: int = 3):
+    torch.manual_seed(7)
+    obs = torch.randn(SPEC.num_envs, 5)
+    out = []
+    for i in range(steps):
+        first = torch.full((SPEC.num_envs,), i == 0)
+        out.append(("act", agent.act(obs, first)))
+        metrics = agent.update(make_batch(seed=i))
+        out += [(k, metrics[k]) for k in metrics.keys() if k.startswith("loss_")]
+        obs = obs + 0.1 * torch.randn_like(obs)
+    out.append(("eval_act", agent.act(obs, torch.zeros(SPEC.num_envs, dtype=torch.bool),
+                                      eval_mode=True)))
+    return out
+
+
+@pytest.mark.parametrize("planner", ["mppi", "cem"])
+def test_fast_kernels_give_the_same_actions_and_updates(tiny_agent_factory, planner):
+    fast, ref = _twins(tiny_agent_factory, planner=planner,
+                       planner_kwargs={"num_samples": 64, "num_elites": 8})
+    got = _run(fast)
+    with layers.reference_kernels():
+        want = _run(ref)
+    assert [k for k, _ in got] == [k for k, _ in want]
+    for (name, a), (_, b) in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    for (n, p), q in zip(fast.model.named_parameters(), ref.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)

@@ -1,0 +1,111 @@
+"""`python -m runners.bench`: the figures it prints are measured and counted, not assumed.
+
+Nothing here asserts a speed (timed assertions flake on shared machines); the tests check
+that the FLOP counts are real counts, that the end-to-end shares add up, and that bad
+input fails cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runners import bench
+
+pytest.importorskip("envpool")
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--gin_file=gin/tdmpc2_dog.gin", "--gin_file=gin/test/tiny.gin",
+        "--gin_param=TASK = 'cartpole-balance'"]
+
+
+def _bench(*args, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "runners.bench", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_count_flops_counts_matrix_products_forward_and_backward():
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(16, 64, requires_grad=True)
+    assert bench.count_flops(lambda: lin(x)) == 2 * 16 * 64 * 32
+    # backward: grad wrt input and wrt weight, one matmul each
+    assert bench.count_flops(lambda: lin(x).sum().backward()) == 3 * 2 * 16 * 64 * 32
+
+
+def test_summarize_reports_median_and_spread():
+    s = bench.summarize([0.001 * i for i in range(1, 12)])  # 1..11 ms
+    assert s["median_ms"] == pytest.approx(6.0)
+    assert s["p10_ms"] == pytest.approx(2.0) and s["p90_ms"] == pytest.approx(10.0)
+    assert s["min_ms"] == pytest.approx(1.0) and s["max_ms"] == pytest.approx(11.0)
+    assert s["n"] == 11
+
+
+def test_matmul_reference_is_a_positive_rate():
+    r = bench.matmul_reference(torch.device("cpu"), n=128, repeats=3)
+    assert r["flops"] == 2 * 128 ** 3 and r["gflops_per_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = _bench(*TINY, f"--out={out}", "--envs=1,4", "--repeats=3", "--sample_repeats=5",
+                  "--seed_steps=100", "--pretrain_updates=2", "--e2e_steps=20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_bench_reports_every_part(tiny_bench):
+    result, stdout = tiny_bench
+    for part in ("plan_E1", "plan_E4", "update", "replay_sample", "env_step_E1", "env_step_E4"):
+        assert result[part]["median_ms"] > 0, part
+        assert result[part]["p10_ms"] <= result[part]["median_ms"] <= result[part]["p90_ms"]
+        assert f"| {part} |" in stdout
+    assert result["matmul"]["gflops_per_s"] > 0
+    assert "fp32 matmul reference" in stdout and "end-to-end:" in stdout
+    assert result["machine"]["device"] == "cpu" and result["machine"]["torch"]
+    mem = result["memory"]
+    # tiny cartpole: 5 obs + 1 action + reward (float32), terminated (bool), episode (int64)
+    assert mem["replay_bytes_per_step"] == 4 * 5 + 4 * 1 + 4 + 1 + 8
+    assert mem["peak_rss_bytes"] > 0
+
+
+def test_planning_flops_are_counted_and_scale_with_envs(tiny_bench):
+    result, _ = tiny_bench
+    f1, f4 = result["plan_E1"]["flops"], result["plan_E4"]["flops"]
+    assert f1 > 0 and f4 == 4 * f1  # every planning matmul is batched over the E envs
+    assert result["update"]["flops"] > 0
+    for part in ("plan_E1", "update"):
+        r = result[part]
+        assert r["gflops_per_s"] == pytest.approx(r["flops"] / r["median_ms"] * 1e-6)
+        assert r["matmul_fraction"] == pytest.approx(
+            r["gflops_per_s"] / result["matmul"]["gflops_per_s"])
+
+
+def test_end_to_end_shares_cover_the_wall_time(tiny_bench):
+    result, _ = tiny_bench
+    e2e = result["end_to_end"]
+    assert e2e["env_steps"] == 20 * 2  # agent steps x action repeat, past seeding
+    assert e2e["env_steps_per_second"] > 0 and e2e["updates"] > 0
+    assert sum(e2e["share"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert e2e["share"]["plan"] > 0 and e2e["share"]["update"] > 0 and e2e["share"]["env"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--envs=0"], "--envs"),
+    (["--repeats=0"], "--repeats"),
+    (["--gin_param=OnlineRunner.no_such_thing = 1"], "no_such_thing"),
+])
+def test_bad_input_fails_with_one_clear_error(tmp_path, args, message):
+    out = tmp_path / "bench.json"
+    proc = _bench(*TINY, f"--out={out}", *args, timeout=120)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert message in proc.stderr
+    assert not out.exists()
