@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from components.layers import SimNorm, init_weights, mlp
+from components.layers import SimNorm, concat_mlp, init_weights, mlp
 from rlcore.registry import register
 
 
@@ -13,8 +13,11 @@ from rlcore.registry import register
 class MLPDynamics(nn.Module):
     """Predicts the next latent from [z, a]; SimNorm output.
 
-    Shapes: z [..., L], a [..., A] -> z' [..., L].
+    Shapes: z [..., L], a [..., A] -> z' [..., L]; z and a may differ in leading shape
+    where they broadcast (one latent for many actions).
     """
+
+    broadcasts_latent = True
 
     def __init__(self, latent_dim: int, action_dim: int, *, hidden_dim: int = 512,
                  num_layers: int = 2, simnorm_dim: int = 8):
@@ -28,4 +31,4 @@ class MLPDynamics(nn.Module):
         init_weights(self)
 
     def forward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([z, a], dim=-1))  # [..., L+A] -> [..., L]
+        return concat_mlp(self.net, z, a)  # [..., L+A] -> [..., L]

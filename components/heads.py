@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from components.layers import EnsembleMLP, init_weights, mlp, zero_last_linear
+from components.layers import EnsembleMLP, concat_mlp, init_weights, mlp, zero_last_linear
 from rlcore import math as rmath
 from rlcore.registry import register
 
@@ -31,6 +31,10 @@ class DiscreteRegressionHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def forward_za(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """forward(cat([z, a])) with z and a broadcast (see `layers.concat_mlp`)."""
+        return concat_mlp(self.net, z, a)
 
 
 @register("heads")

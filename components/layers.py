@@ -132,6 +132,30 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, *, out_act: nn.Module 
     return nn.Sequential(*layers)
 
 
+def concat_mlp(net: nn.Sequential, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """`net(cat([z, a], -1))` for an `mlp` whose first Linear reads [z, a].
+
+    z and a may differ in leading shape as long as they broadcast (planning passes one
+    latent per env, z [E, 1, L], with N action candidates, a [E, N, A]). Then the first
+    layer is computed as z W_z + a W_a + b, so z's share runs once per distinct latent
+    instead of once per candidate; the result is the same function.
+
+    Shapes: z [..., L], a [..., A] (broadcastable) -> [broadcast(...), out].
+    """
+    lead = torch.broadcast_shapes(z.shape[:-1], a.shape[:-1])
+    first = net[0][0] if isinstance(net[0], NormedLinear) else net[0]
+    if _REFERENCE or (z.shape[:-1] == lead and a.shape[:-1] == lead) or \
+            not isinstance(first, nn.Linear):
+        return net(torch.cat([z.expand(*lead, z.shape[-1]), a.expand(*lead, a.shape[-1])], -1))
+    L = z.shape[-1]
+    h = F.linear(a, first.weight[:, L:], first.bias) + F.linear(z, first.weight[:, :L])
+    mods = list(net)
+    rest = (list(mods[0])[1:] if isinstance(mods[0], NormedLinear) else []) + mods[1:]
+    for layer in rest:
+        h = layer(h)
+    return h
+
+
 def init_weights(module: nn.Module) -> None:
     """TD-MPC2 init: truncated normal (std 0.02) weights, zero biases, unit LayerNorm."""
     for m in module.modules():

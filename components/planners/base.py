@@ -78,9 +78,10 @@ class PopulationPlanner:
         Episodic models weight step t by the probability of not having terminated before
         it (the termination head reads post-transition latents).
 
-        Shapes: z [E, N, L], actions [H, E, N, A] -> [E, N].
+        Shapes: z [E, N, L] (or [E, 1, L]: one latent shared by the N candidates, whose
+        first-step work then runs once), actions [H, E, N, A] -> [E, N].
         """
-        G = torch.zeros(z.shape[:-1] + (1,), device=z.device)  # [E, N, 1]
+        G = torch.zeros(actions.shape[1:-1] + (1,), device=z.device)  # [E, N, 1]
         alive = torch.ones_like(G)  # [E, N, 1]
         discount = 1.0
         for t in range(self.horizon):
@@ -124,14 +125,14 @@ class PopulationPlanner:
         actions = torch.empty(H, E, N, A, device=device)  # [H, E, N, A]
         if P > 0:
             actions[:, :, :P] = self._policy_candidates(z)
-        zN = z.unsqueeze(1).expand(E, N, z.shape[-1])  # [E, N, L]
+        z1 = z.unsqueeze(1)  # [E, 1, L]: every candidate starts from the env's latent
         mean = self._warm_start(stream, is_first, E, device)  # [E, H, A]
         std = torch.full_like(mean, self.max_std)  # [E, H, A]
         for _ in range(self.iterations):
             noise = torch.randn(H, E, N - P, A, device=device)
             sample = mean.transpose(0, 1).unsqueeze(2) + std.transpose(0, 1).unsqueeze(2) * noise
             actions[:, :, P:] = sample.clamp(-1, 1)  # [H, E, N-P, A]
-            scores = self._score(zN, actions)  # [E, N]
+            scores = self._score(z1, actions)  # [E, N]
             elite_scores, idx = torch.topk(scores, self.num_elites, dim=1)  # [E, K]
             elite_actions = torch.gather(
                 actions, 2, idx.view(1, E, -1, 1).expand(H, E, -1, A))  # [H, E, K, A]
