@@ -56,6 +56,8 @@ class TDMPC2Agent:
         mpc: act with the planner (True) or the policy prior alone (False).
         grad_log_every: every this many updates, add per-loss, per-module-group gradient
             norms to the metrics (extra backward passes; 0 disables).
+        fused_optimizer: run Adam as one fused kernel per step (same update as the
+            per-parameter loop, within float tolerance; several times faster on CPU).
 
     Shapes: act(obs [E, *obs], is_first [E]) -> [E, A]; update(batch [T+1, B]).
     """
@@ -67,7 +69,8 @@ class TDMPC2Agent:
                  reset: Callable[..., Any] | None = None,
                  discount: float | None = None, lr: float = 3e-4, enc_lr_scale: float = 0.3,
                  policy_eps: float = 1e-5, grad_clip_norm: float = 20.0, tau: float = 0.01,
-                 scale_tau: float = 0.01, mpc: bool = True, grad_log_every: int = 0):
+                 scale_tau: float = 0.01, mpc: bool = True, grad_log_every: int = 0,
+                 fused_optimizer: bool = True):
         self.spec = spec
         self.device = torch.device(device)
         if discount is None:
@@ -87,12 +90,14 @@ class TDMPC2Agent:
         self.grad_log_every = grad_log_every
         self.num_updates = 0
         groups = self.model.module_groups()
+        fused = {"fused": True} if fused_optimizer and self.device.type in ("cpu", "cuda") else {}
         self.model_optim = torch.optim.Adam([
             {"params": groups["encoder"].parameters(), "lr": lr * enc_lr_scale},
             *({"params": m.parameters()} for name, m in groups.items()
               if name not in ("encoder", "policy")),
-        ], lr=lr)
-        self.pi_optim = torch.optim.Adam(groups["policy"].parameters(), lr=lr, eps=policy_eps)
+        ], lr=lr, **fused)
+        self.pi_optim = torch.optim.Adam(groups["policy"].parameters(), lr=lr, eps=policy_eps,
+                                         **fused)
         self.scale = RunningScale(scale_tau, device=self.device)
         self.model.eval()
 

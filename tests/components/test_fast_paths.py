@@ -99,3 +99,17 @@ def test_fast_kernels_give_the_same_actions_and_updates(tiny_agent_factory, plan
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     for (n, p), q in zip(fast.model.named_parameters(), ref.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_fused_optimizer_gives_the_same_updates(tiny_agent_factory):
+    torch.manual_seed(0)
+    fused = tiny_agent_factory(SPEC, fused_optimizer=True)
+    _randomize_outputs(fused)
+    loop = tiny_agent_factory(SPEC, fused_optimizer=False)
+    loop.load_state_dict(fused.state_dict())
+    assert fused.model_optim.defaults["fused"] and not loop.model_optim.defaults["fused"]
+    got, want = _run(fused), _run(loop)
+    for (name, a), (_, b) in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    for (n, p), q in zip(fused.model.named_parameters(), loop.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
