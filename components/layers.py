@@ -236,7 +236,10 @@ class EnsembleMLP(nn.Module):
             w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}")
             if members is not None:
                 w, b = w[members], b[members]  # [m, in, out], [m, 1, out]
-            h = torch.baddbmm(b, h.expand(w.shape[0], -1, -1), w) if i else torch.matmul(h, w) + b
+            if i == 0 and _REFERENCE:
+                h = torch.matmul(h, w) + b
+            else:  # one batched matmul with the bias fused; contiguous [M, N, out] output
+                h = torch.baddbmm(b, h.expand(w.shape[0], -1, -1), w)
             # h: [M, N, out]
             if i < self.num_layers - 1:
                 if i == 0 and self.dropout and self.training:
