@@ -30,6 +30,22 @@ def _sum_losses(td: TensorDict) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
+def compile_networks(model: nn.Module, *, mode: str | None = None) -> None:
+    """Compile each network of `model` (its direct submodules) in place.
+
+    Random draws inside compiled code fall back to eager PyTorch's generator, so compiled
+    and eager runs with one seed draw the same numbers.
+    """
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
+    # Planning, evaluation and updates call the same networks on several batch shapes.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for module in model.children():
+        module.compile(mode=mode)
+
+
 def _merge(*tds: TensorDict) -> TensorDict:
     out: dict[str, torch.Tensor] = {}
     for td in tds:
@@ -58,6 +74,13 @@ class TDMPC2Agent:
             norms to the metrics (extra backward passes; 0 disables).
         fused_optimizer: run Adam as one fused kernel per step (same update as the
             per-parameter loop, within float tolerance; several times faster on CPU).
+        compile: compile every network of the world model with `torch.compile` (each
+            module in place, so parameter names and checkpoints are unchanged). Random
+            draws inside compiled code use eager PyTorch's generator, so a seed gives the
+            same outputs as eager, within float tolerance. The first calls are slow.
+        cuda_graphs: with `compile`, also capture the compiled networks as CUDA graphs
+            (torch.compile's `reduce-overhead` mode), removing per-kernel launch cost.
+            Needs a CUDA device.
 
     Shapes: act(obs [E, *obs], is_first [E]) -> [E, A]; update(batch [T+1, B]).
     """
@@ -70,7 +93,8 @@ class TDMPC2Agent:
                  discount: float | None = None, lr: float = 3e-4, enc_lr_scale: float = 0.3,
                  policy_eps: float = 1e-5, grad_clip_norm: float = 20.0, tau: float = 0.01,
                  scale_tau: float = 0.01, mpc: bool = True, grad_log_every: int = 0,
-                 fused_optimizer: bool = True):
+                 fused_optimizer: bool = True, compile: bool = False,
+                 cuda_graphs: bool = False):
         self.spec = spec
         self.device = torch.device(device)
         if discount is None:
@@ -99,13 +123,29 @@ class TDMPC2Agent:
         self.pi_optim = torch.optim.Adam(groups["policy"].parameters(), lr=lr, eps=policy_eps,
                                          **fused)
         self.scale = RunningScale(scale_tau, device=self.device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"TDMPC2Agent.cuda_graphs needs a CUDA device, but the agent runs "
+                             f"on {self.device}; set TDMPC2Agent.cuda_graphs = False (or run "
+                             "on a GPU)")
+        if cuda_graphs and not compile:
+            raise ValueError("TDMPC2Agent.cuda_graphs captures the compiled networks; set "
+                             "TDMPC2Agent.compile = True as well")
+        self.compiled, self.cuda_graphs = compile, cuda_graphs
+        if compile:
+            compile_networks(self.model, mode="reduce-overhead" if cuda_graphs else None)
         self.model.eval()
+
+    def _step_begin(self) -> None:
+        """A new step for CUDA graphs: outputs of earlier replays may be overwritten."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     # -- acting -----------------------------------------------------------------------
     @torch.no_grad()
     def act(self, obs: torch.Tensor, is_first: torch.Tensor, *, eval_mode: bool = False,
             use_planner: bool | None = None) -> torch.Tensor:
         """One action per env, on the CPU.  obs [E, *obs], is_first [E] -> [E, A]."""
+        self._step_begin()
         obs = obs.to(self.device, non_blocking=True)
         z = self.model.encode(obs)  # [E, L]
         if self.mpc if use_planner is None else use_planner:
@@ -163,6 +203,7 @@ class TDMPC2Agent:
         """One update on `pathway` (`full`, `actor_critic` or `policy`) from a batch [T+1, B]."""
         if pathway not in PATHWAYS:
             raise ValueError(f"unknown update pathway {pathway!r}; expected one of {PATHWAYS}")
+        self._step_begin()
         self.model.train()
         zs, next_z, action, reward, terminated = self._prepare(batch, pathway)
         out: dict[str, torch.Tensor] = {}
@@ -218,6 +259,7 @@ class TDMPC2Agent:
         The running scale is read, not updated; RNG draws (member choice, policy noise)
         use a private generator state so training's random stream is unchanged.
         """
+        self._step_begin()
         was_training = self.model.training
         self.model.eval()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):

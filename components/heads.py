@@ -16,7 +16,7 @@ class DiscreteRegressionHead(nn.Module):
 
     The output layer starts at zero, as in TD-MPC2.
 
-    Shapes: x [..., in_dim] -> [..., K].
+    Shapes: x [..., in_dim] -> [..., K]; or z [..., L], a [..., A] -> [..., K].
     """
 
     def __init__(self, in_dim: int, num_bins: int, *, hidden_dim: int = 512, num_layers: int = 2):
@@ -29,12 +29,12 @@ class DiscreteRegressionHead(nn.Module):
         init_weights(self)
         zero_last_linear(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    broadcasts_latent = True  # forward(z, a) takes the two parts, broadcast
 
-    def forward_za(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """forward(cat([z, a])) with z and a broadcast (see `layers.concat_mlp`)."""
-        return concat_mlp(self.net, z, a)
+    def forward(self, x: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
+        """forward(x) on the input; forward(z, a) on cat([z, a]) where z and a may differ
+        in leading shape where they broadcast (see `layers.concat_mlp`)."""
+        return self.net(x) if a is None else concat_mlp(self.net, x, a)
 
 
 @register("heads")

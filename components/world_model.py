@@ -140,8 +140,8 @@ class WorldModel(nn.Module):
 
     def reward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Reward logits [..., K]; z and a may differ in leading shape where they broadcast."""
-        if hasattr(self._reward, "forward_za"):
-            return self._reward.forward_za(z, a)
+        if getattr(self._reward, "broadcasts_latent", False):
+            return self._reward(z, a)
         return self._reward(torch.cat(_broadcast_pair(z, a), dim=-1))
 
     def termination(self, z: torch.Tensor, *, logits: bool = False) -> torch.Tensor:

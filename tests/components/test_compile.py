@@ -1,0 +1,67 @@
+"""`TDMPC2Agent.compile` and `TDMPC2Agent.cuda_graphs` change speed only.
+
+An agent with the switch on and its eager twin (same weights, same seed) give the same
+actions, losses and parameters within float tolerance. The CUDA tests run when a GPU is
+present and are skipped (never failing) without one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlcore.types import EnvSpec
+from tests.components.test_fast_paths import _randomize_outputs, _run
+
+SPEC = EnvSpec(obs_shape=(5,), action_dim=2, episode_length=500, num_envs=3)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _agent(device, **kwargs):
+    from components.agent import TDMPC2Agent
+    from components.losses import PolicyLoss, WorldModelLoss
+    from tests.conftest import tiny_planner_factory, tiny_world_model_factory
+
+    return TDMPC2Agent(SPEC, device, world_model=tiny_world_model_factory(num_q=2),
+                       planner=tiny_planner_factory("mppi", num_samples=64, num_elites=8),
+                       model_loss=WorldModelLoss, policy_loss=PolicyLoss, **kwargs)
+
+
+def _compare(device, **switches):
+    torch.manual_seed(0)
+    eager = _agent(device)
+    _randomize_outputs(eager)
+    fast = _agent(device, **switches)
+    fast.load_state_dict(eager.state_dict())
+    assert list(fast.state_dict()["model"]) == list(eager.state_dict()["model"])
+    got, want = _run(fast), _run(eager)
+    assert [k for k, _ in got] == [k for k, _ in want]
+    for (name, a), (_, b) in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+    for (n, p), q in zip(fast.model.named_parameters(), eager.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4, msg=n)
+
+
+@pytest.mark.slow
+def test_compiled_agent_matches_eager_on_cpu():
+    _compare("cpu", compile=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compiled_agent_matches_eager_on_cuda():
+    _compare("cuda", compile=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graphs_match_eager_on_cuda():
+    _compare("cuda", compile=True, cuda_graphs=True)
+
+
+def test_cuda_graphs_need_cuda_and_compile():
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        _agent("cpu", compile=True, cuda_graphs=True)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="compile = True"):
+            _agent("cuda", cuda_graphs=True)
