@@ -144,6 +144,10 @@ def _end_to_end(runner, agent_steps: int) -> dict[str, Any] | None:
     """Seed, pretrain, then `agent_steps` agent steps of online training; throughput of
     the part after pretraining."""
     spec = runner.spec
+    # One untimed planning call first, so one-off work (torch.compile, when switched on)
+    # is not counted as steady-state training time.
+    runner.agent.act(_random_obs(spec, spec.num_envs, runner.device),
+                     torch.ones(spec.num_envs, dtype=torch.bool))
     runner.total_env_steps = (runner.seed_steps + agent_steps) * spec.action_repeat
     runner.run()
     return runner.throughput()
@@ -188,11 +192,11 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
         is_first = torch.zeros(E, dtype=torch.bool)
         agent.act(obs, torch.ones(E, dtype=torch.bool))  # warm start in place
         call = lambda: agent.act(obs, is_first)  # noqa: E731
-        parts[f"plan_E{E}"] = (time_calls(call, repeats, device), count_flops(call))
+        parts[f"plan_E{E}"] = (time_calls(call, repeats, device, warmup=2), count_flops(call))
     _log.info("bench: update")
     batch = replay.sample()
     update = lambda: agent.update(batch)  # noqa: E731
-    parts["update"] = (time_calls(update, repeats, device), count_flops(update))
+    parts["update"] = (time_calls(update, repeats, device, warmup=2), count_flops(update))
     _log.info("bench: replay sample and env steps")
     parts["replay_sample"] = (time_calls(replay.sample, sample_repeats, device), None)
     env_results = {}
