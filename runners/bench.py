@@ -84,16 +84,42 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+class Matmul:
+    """A plain fp32 [n, n] @ [n, n] matmul on `device` (2 n^3 FLOPs a call)."""
+
+    def __init__(self, device: torch.device, n: int = 2048):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.a = torch.randn(n, n, generator=g).to(device)
+        self.b = torch.randn(n, n, generator=g).to(device)
+        self.out = torch.empty(n, n, device=device)
+        self.n, self.flops, self.device = n, 2 * n ** 3, device
+
+    def __call__(self) -> None:
+        torch.mm(self.a, self.b, out=self.out)
+
+    def rate(self, times: Sequence[float]) -> dict[str, Any]:
+        return {"n": self.n, "flops": self.flops,
+                "gflops_per_s": self.flops / statistics.median(times) / 1e9, **summarize(times)}
+
+
 def matmul_reference(device: torch.device, *, n: int = 2048, repeats: int = 10) -> dict[str, Any]:
-    """GFLOP/s of a plain fp32 [n, n] @ [n, n] matmul on `device` (2 n^3 FLOPs a call)."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device)
-    b = torch.randn(n, n, generator=g).to(device)
-    out = torch.empty(n, n, device=device)
-    times = time_calls(lambda: torch.mm(a, b, out=out), repeats, device, warmup=2)
-    flops = 2 * n ** 3
-    return {"n": n, "flops": flops, "gflops_per_s": flops / statistics.median(times) / 1e9,
-            **summarize(times)}
+    """GFLOP/s of a plain fp32 [n, n] @ [n, n] matmul on `device`."""
+    mm = Matmul(device, n)
+    return mm.rate(time_calls(mm, repeats, device, warmup=2))
+
+
+def time_interleaved(fn: Callable[[], Any], matmul: Matmul, repeats: int,
+                     device: torch.device, *, warmup: int = 1) -> tuple[list[float], list[float]]:
+    """Times of `fn` and of the reference matmul, alternating call by call, so both see
+    the same machine (a shared machine's speed drifts within a run)."""
+    for _ in range(warmup):
+        fn()
+    matmul()
+    fn_times, mm_times = [], []
+    for _ in range(repeats):
+        mm_times += time_calls(matmul, 1, device, warmup=0)
+        fn_times += time_calls(fn, 1, device, warmup=0)
+    return fn_times, mm_times
 
 
 def peak_rss_bytes() -> int:
@@ -128,9 +154,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def _with_rate(timing: dict[str, float], flops: int, matmul_gflops: float) -> dict[str, Any]:
+    """Achieved GFLOP/s and its fraction of the matmul GFLOP/s measured alongside."""
     gflops = flops / (timing["median_ms"] / 1e3) / 1e9
     return {**timing, "flops": flops, "gflops_per_s": gflops,
-            "matmul_fraction": gflops / matmul_gflops}
+            "matmul_gflops_per_s": matmul_gflops, "matmul_fraction": gflops / matmul_gflops}
 
 
 # -- the benchmark ----------------------------------------------------------------------
@@ -186,32 +213,39 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
         runner.run()
 
     parts: dict[str, Any] = {}
+    matmul = Matmul(device)
+    interleaved_mm: list[float] = []
+
+    def measure(fn):
+        times, mm_times = time_interleaved(fn, matmul, repeats, device, warmup=2)
+        interleaved_mm.extend(mm_times)
+        return times, count_flops(fn), matmul.rate(mm_times)["gflops_per_s"]
+
     for E in envs:
         _log.info("bench: planning, E=%d", E)
         obs = _random_obs(spec, E, device)
         is_first = torch.zeros(E, dtype=torch.bool)
         agent.act(obs, torch.ones(E, dtype=torch.bool))  # warm start in place
         call = lambda: agent.act(obs, is_first)  # noqa: E731
-        parts[f"plan_E{E}"] = (time_calls(call, repeats, device, warmup=2), count_flops(call))
+        parts[f"plan_E{E}"] = measure(call)
     _log.info("bench: update")
     batch = replay.sample()
     update = lambda: agent.update(batch)  # noqa: E731
-    parts["update"] = (time_calls(update, repeats, device, warmup=2), count_flops(update))
+    parts["update"] = measure(update)
     _log.info("bench: replay sample and env steps")
-    parts["replay_sample"] = (time_calls(replay.sample, sample_repeats, device), None)
+    parts["replay_sample"] = (time_calls(replay.sample, sample_repeats, device), None, None)
     env_results = {}
     for E in envs:
         env = runner._env_factory(num_envs=E, seed=runner.seed + 7)
         env.reset()
         action = torch.rand(E, spec.action_dim) * 2 - 1
         env_results[f"env_step_E{E}"] = (time_calls(lambda: env.step(action), sample_repeats,
-                                                    device), None)
+                                                    device), None, None)
         env.close()
     parts.update(env_results)
     mm_after = matmul_reference(device, repeats=repeats)
-    mm_gflops = statistics.median([mm_before["gflops_per_s"], mm_after["gflops_per_s"]])
-    result["matmul"] = {"gflops_per_s": mm_gflops, "before": mm_before, "after": mm_after}
-    for name, (times, flops) in parts.items():
+    result["matmul"] = {**matmul.rate(interleaved_mm), "before": mm_before, "after": mm_after}
+    for name, (times, flops, mm_gflops) in parts.items():
         timing = summarize(times)
         result[name] = _with_rate(timing, flops, mm_gflops) if flops else timing
     for E in envs:
@@ -240,16 +274,19 @@ def format_table(result: dict[str, Any]) -> str:
         f"samples, horizon {cfg['horizon']}), batch {cfg['batch_size']}",
         f"# {m['date']} | {m.get('gpu') or m['cpu']} | {m['device']} | "
         f"{m['torch_threads']} threads | torch {m['torch']} | commit {m.get('commit')}",
-        f"# fp32 matmul reference: {mm:.1f} GFLOP/s",
+        f"# fp32 matmul reference ({result['matmul']['n']}^3, timed alternately with each "
+        f"part): {mm:.1f} GFLOP/s median",
         "",
-        "| part | median ms | p10-p90 ms | n | GFLOP/call | GFLOP/s | of matmul |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| part | median ms | p10-p90 ms | n | GFLOP/call | GFLOP/s | matmul GFLOP/s "
+        "| of matmul |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in result.items():
         if not isinstance(r, dict) or "median_ms" not in r or name == "matmul":
             continue
-        rate = (f"{r['flops'] / 1e9:.2f} | {r['gflops_per_s']:.1f} | {r['matmul_fraction']:.0%}"
-                if "flops" in r else " | | ")
+        rate = (f"{r['flops'] / 1e9:.2f} | {r['gflops_per_s']:.1f} | "
+                f"{r['matmul_gflops_per_s']:.1f} | {r['matmul_fraction']:.0%}"
+                if "flops" in r else " | | | ")
         lines.append(f"| {name} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} "
                      f"| {r['n']} | {rate} |")
     e2e = result.get("end_to_end")
