@@ -98,8 +98,8 @@ class Matmul:
         torch.mm(self.a, self.b, out=self.out)
 
     def rate(self, times: Sequence[float]) -> dict[str, Any]:
-        return {"n": self.n, "flops": self.flops,
-                "gflops_per_s": self.flops / statistics.median(times) / 1e9, **summarize(times)}
+        return {**summarize(times), "size": self.n, "flops": self.flops,
+                "gflops_per_s": self.flops / statistics.median(times) / 1e9}
 
 
 def matmul_reference(device: torch.device, *, n: int = 2048, repeats: int = 10) -> dict[str, Any]:
@@ -274,7 +274,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"samples, horizon {cfg['horizon']}), batch {cfg['batch_size']}",
         f"# {m['date']} | {m.get('gpu') or m['cpu']} | {m['device']} | "
         f"{m['torch_threads']} threads | torch {m['torch']} | commit {m.get('commit')}",
-        f"# fp32 matmul reference ({result['matmul']['n']}^3, timed alternately with each "
+        f"# fp32 matmul reference ({result['matmul']['size']}^3, timed alternately with each "
         f"part): {mm:.1f} GFLOP/s median",
         "",
         "| part | median ms | p10-p90 ms | n | GFLOP/call | GFLOP/s | matmul GFLOP/s "

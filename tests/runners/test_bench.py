@@ -49,7 +49,7 @@ def test_summarize_reports_median_and_spread():
 
 def test_matmul_reference_is_a_positive_rate():
     r = bench.matmul_reference(torch.device("cpu"), n=128, repeats=3)
-    assert r["flops"] == 2 * 128 ** 3 and r["gflops_per_s"] > 0
+    assert r["flops"] == 2 * 128 ** 3 and r["size"] == 128 and r["gflops_per_s"] > 0
 
 
 def test_interleaved_timing_alternates_the_part_and_the_matmul():
