@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import logging
 import os
@@ -226,12 +227,10 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
         obs = _random_obs(spec, E, device)
         is_first = torch.zeros(E, dtype=torch.bool)
         agent.act(obs, torch.ones(E, dtype=torch.bool))  # warm start in place
-        call = lambda: agent.act(obs, is_first)  # noqa: E731
-        parts[f"plan_E{E}"] = measure(call)
+        parts[f"plan_E{E}"] = measure(functools.partial(agent.act, obs, is_first))
     _log.info("bench: update")
     batch = replay.sample()
-    update = lambda: agent.update(batch)  # noqa: E731
-    parts["update"] = measure(update)
+    parts["update"] = measure(functools.partial(agent.update, batch))
     _log.info("bench: replay sample and env steps")
     parts["replay_sample"] = (time_calls(replay.sample, sample_repeats, device), None, None)
     env_results = {}
@@ -239,8 +238,8 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
         env = runner._env_factory(num_envs=E, seed=runner.seed + 7)
         env.reset()
         action = torch.rand(E, spec.action_dim) * 2 - 1
-        env_results[f"env_step_E{E}"] = (time_calls(lambda: env.step(action), sample_repeats,
-                                                    device), None, None)
+        env_results[f"env_step_E{E}"] = (time_calls(functools.partial(env.step, action),
+                                                    sample_repeats, device), None, None)
         env.close()
     parts.update(env_results)
     mm_after = matmul_reference(device, repeats=repeats)
