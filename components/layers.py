@@ -39,9 +39,10 @@ def reference_kernels() -> Iterator[None]:
 
 
 def _fast_mish(x: torch.Tensor) -> torch.Tensor:
-    e = torch.exp(x)
-    d = e.add(2).mul_(e).add_(2)  # n + 2
-    return torch.addcdiv(x, x, d, value=-2.0)
+    # d = (e + 1)^2 + 1 = e (e + 2) + 2; mish = x (1 - 2 / d), in place on one buffer
+    # (a fused addcdiv measured several times slower on CPU).
+    d = torch.exp(x).add_(1).square_().add_(1)
+    return d.reciprocal_().mul_(-2).add_(1).mul_(x)
 
 
 class _MishFunction(torch.autograd.Function):
@@ -56,16 +57,15 @@ class _MishFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         e = torch.exp(x.clamp(max=20.0))
-        d = e.add(2).mul_(e).add_(2)
-        ctx.save_for_backward(x, e, d)
-        return torch.addcdiv(x, x, d, value=-2.0)
+        r = e.add(1).square_().add_(1).reciprocal_()  # 1 / d
+        ctx.save_for_backward(x, e, r)
+        return r.mul(-2).add_(1).mul_(x)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        x, e, d = ctx.saved_tensors
+        x, e, r = ctx.saved_tensors
         q = torch.addcmul(e, e, e).mul_(x).mul_(4)  # 4x e (e + 1)
-        r = torch.reciprocal(d)
         return q.mul_(r).sub_(2).mul_(r).add_(1).mul_(grad)  # (q/d - 2)/d + 1
 
 
