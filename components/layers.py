@@ -143,6 +143,12 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, *, out_act: nn.Module 
     return nn.Sequential(*layers)
 
 
+def broadcast_pair(z: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z [..., L] and a [..., A] expanded (views, no copy) to their common leading shape."""
+    lead = torch.broadcast_shapes(z.shape[:-1], a.shape[:-1])
+    return z.expand(*lead, z.shape[-1]), a.expand(*lead, a.shape[-1])
+
+
 def concat_mlp(net: nn.Sequential, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """`net(cat([z, a], -1))` for an `mlp` whose first Linear reads [z, a].
 
@@ -153,11 +159,9 @@ def concat_mlp(net: nn.Sequential, z: torch.Tensor, a: torch.Tensor) -> torch.Te
 
     Shapes: z [..., L], a [..., A] (broadcastable) -> [broadcast(...), out].
     """
-    lead = torch.broadcast_shapes(z.shape[:-1], a.shape[:-1])
     first = net[0][0] if isinstance(net[0], NormedLinear) else net[0]
-    if _REFERENCE or (z.shape[:-1] == lead and a.shape[:-1] == lead) or \
-            not isinstance(first, nn.Linear):
-        return net(torch.cat([z.expand(*lead, z.shape[-1]), a.expand(*lead, a.shape[-1])], -1))
+    if _REFERENCE or z.shape[:-1] == a.shape[:-1] or not isinstance(first, nn.Linear):
+        return net(torch.cat(broadcast_pair(z, a), -1))
     L = z.shape[-1]
     h = F.linear(a, first.weight[:, L:], first.bias) + F.linear(z, first.weight[:, :L])
     mods = list(net)

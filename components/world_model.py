@@ -14,14 +14,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from components.layers import broadcast_pair
 from rlcore import math as rmath
 from rlcore.registry import register
 from rlcore.types import EnvSpec
-
-
-def _broadcast_pair(z: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lead = torch.broadcast_shapes(z.shape[:-1], a.shape[:-1])
-    return z.expand(*lead, z.shape[-1]), a.expand(*lead, a.shape[-1])
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
@@ -135,14 +131,14 @@ class WorldModel(nn.Module):
     def next(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """z' [..., L]; z and a may differ in leading shape where they broadcast."""
         if not getattr(self._dynamics, "broadcasts_latent", False):
-            z, a = _broadcast_pair(z, a)
+            z, a = broadcast_pair(z, a)
         return self._dynamics(z, a)
 
     def reward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Reward logits [..., K]; z and a may differ in leading shape where they broadcast."""
         if getattr(self._reward, "broadcasts_latent", False):
             return self._reward(z, a)
-        return self._reward(torch.cat(_broadcast_pair(z, a), dim=-1))
+        return self._reward(torch.cat(broadcast_pair(z, a), dim=-1))
 
     def termination(self, z: torch.Tensor, *, logits: bool = False) -> torch.Tensor:
         """P(episode ends on entering z) [..., 1] (or its logit)."""
