@@ -130,7 +130,7 @@ class TDMPC2Agent:
         if cuda_graphs and not compile:
             raise ValueError("TDMPC2Agent.cuda_graphs captures the compiled networks; set "
                              "TDMPC2Agent.compile = True as well")
-        self.compiled, self.cuda_graphs = compile, cuda_graphs
+        self.cuda_graphs = cuda_graphs
         if compile:
             compile_networks(self.model, mode="reduce-overhead" if cuda_graphs else None)
         self.model.eval()

@@ -49,8 +49,8 @@ class _MishFunction(torch.autograd.Function):
     """Mish with a cheap closed-form gradient.
 
     With e = exp(min(x, 20)) and d = e (e + 2) + 2: mish(x) = x - 2x / d and
-    mish'(x) = 1 - 2/d + 4x e (e + 1) / d^2, arithmetic on the saved e and d instead of
-    re-evaluating tanh, softplus and sigmoid. Clamping at 20 is exact in float32 (there
+    mish'(x) = 1 - 2/d + 4x e (e + 1) / d^2, arithmetic on the saved e and 1/d instead
+    of re-evaluating tanh, softplus and sigmoid. Clamping at 20 is exact in float32 (there
     2/d < 1e-17) and keeps every intermediate finite.
     """
 
