@@ -6,6 +6,7 @@ whole planning calls and updates of an agent, within float tolerance.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -53,6 +54,52 @@ def test_simnorm_matches_a_grouped_softmax(shape):
                                torch.autograd.grad(ref, x, g)[0])
     with layers.reference_kernels():
         torch.testing.assert_close(norm(x), ref)
+
+
+@pytest.mark.parametrize("members", [None, [3, 0], [4, 1, 2, 0, 3]])
+def test_ensemble_per_member_gemms_match_the_batched_matmul(members):
+    """EnsembleMLP on CPU runs one GEMM per member; the batched matmul is the reference:
+    outputs and the gradients of the input and every parameter, for all members, a subset
+    (unselected members get zero gradient) and all of them in another order."""
+    torch.manual_seed(0)
+    net = layers.EnsembleMLP(5, 12, [16, 16], 7)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 3, 12, requires_grad=True)
+    idx = None if members is None else torch.tensor(members)
+    g = torch.randn(5 if members is None else len(members), 2, 3, 7)
+    grads = []
+    for reference in (False, True):
+        net.zero_grad()
+        with layers.reference_kernels() if reference else contextlib.nullcontext():
+            assert (layers._member_list(idx, 5, x) is None) == reference
+            out = net(x, idx)
+        (gx,) = torch.autograd.grad(out, x, g, retain_graph=True)
+        out.backward(g)
+        grads.append((out.detach(), gx, {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (out, gx, gp), (ref_out, ref_gx, ref_gp) = grads
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(gx, ref_gx)
+    for name in ref_gp:
+        torch.testing.assert_close(gp[name], ref_gp[name], msg=name)
+    if members is not None and len(members) < 5:
+        assert gp["w0"][2].abs().sum() == 0 and gp["b1"][1].abs().sum() == 0
+
+
+def test_ensemble_linear_gradient_is_exact_in_double_precision():
+    w = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 1, 5, dtype=torch.float64, requires_grad=True)
+    for x_members, idx in ((1, (2, 0, 3)), (3, (1, 3, 2)), (4, (0, 1, 2, 3))):
+        x = torch.randn(x_members, 3, 6, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda x, w, b, idx=idx: layers._EnsembleLinear.apply(x, w, b, idx), (x, w, b))
+
+
+def test_repeated_members_use_the_batched_matmul():
+    x = torch.randn(3, 4)
+    assert layers._member_list(torch.tensor([1, 1]), 3, x) is None
+    assert layers._member_list(torch.tensor([2, 0]), 3, x) == (2, 0)
+    assert layers._member_list(None, 3, x) == (0, 1, 2)
 
 
 def _randomize_outputs(agent):
