@@ -9,9 +9,10 @@ only a chosen subset of members.
 Speed (CPU measurements in README, Benchmarks): `mish` and `SimNorm` compute the same
 functions as `F.mish` and a last-dim softmax, faster. PyTorch's CPU softmax over a last
 dimension of 8 is slow, so SimNorm softmaxes a transposed copy (groups along a strided
-dimension, vectorized across groups); Mish's forward uses one exponential instead of
-exp + log1p + tanh. `reference_kernels()` switches both back to the plain
-PyTorch ops, which the tests use to show the results agree within float tolerance.
+dimension, vectorized across groups); Mish's forward uses one exponential instead
+of exp + log1p + tanh. On CPU, EnsembleMLP runs one GEMM per member (`_EnsembleLinear`).
+`reference_kernels()` switches all of these back to the plain PyTorch ops, which the
+tests use to show the results agree within float tolerance.
 """
 
 from __future__ import annotations
