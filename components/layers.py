@@ -319,6 +319,10 @@ class EnsembleMLP(nn.Module):
             w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}")
             if idx is not None:  # one GEMM per member, see _EnsembleLinear
                 h = _EnsembleLinear.apply(h, w, b, idx)
+            elif members is None and x.device.type == "cpu" and torch.compiler.is_compiling():
+                # the same per member GEMMs for inductor, which writes them into one buffer
+                h = torch.stack([torch.addmm(b[m], h[m if h.shape[0] > 1 else 0], w[m])
+                                 for m in range(w.shape[0])])
             else:
                 if members is not None:
                     w, b = w[members], b[members]  # [m, in, out], [m, 1, out]
