@@ -235,7 +235,7 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
     parts["replay_sample"] = (time_calls(replay.sample, sample_repeats, device), None, None)
     env_results = {}
     for E in envs:
-        env = runner._env_factory(num_envs=E, seed=runner.seed + 7)
+        env = runner.env_factory(num_envs=E, seed=runner.seed + 7)
         env.reset()
         action = torch.rand(E, spec.action_dim) * 2 - 1
         env_results[f"env_step_E{E}"] = (time_calls(functools.partial(env.step, action),
@@ -250,7 +250,7 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
     for E in envs:
         result[f"env_step_E{E}"]["env_steps_per_second"] = (
             E * spec.action_repeat / (result[f"env_step_E{E}"]["median_ms"] / 1e3))
-    row_bytes = sum(t.element_size() * t[0].numel() for t in replay._storage.values())
+    row_bytes = replay.bytes_per_row
     result["memory"] = {
         "peak_rss_bytes": peak_rss_bytes(),
         "replay_bytes_per_step": row_bytes,

@@ -163,7 +163,7 @@ class OnlineRunner:
         # Build everything before anything is written, so a bad config fails cleanly.
         self.env = env(seed=seed)
         self.spec: EnvSpec = self.env.spec
-        self._env_factory = env
+        self.env_factory = env  # builds more envs of this task: env_factory(num_envs=, seed=)
         self.agent = agent(self.spec, self.device)
         self.replay = replay(self.spec, seed=seed, device=self.device)
         self.seed_steps = seed_steps if seed_steps is not None else max(
@@ -378,7 +378,7 @@ class OnlineRunner:
         if self.eval_videos:
             from runners.evaluation import record_videos
 
-            record_videos(self._env_factory, self.env, self.agent, self.run_dir, self.env_step,
+            record_videos(self.env_factory, self.env, self.agent, self.run_dir, self.env_step,
                           episodes=self.eval_videos, size=self.video_size,
                           seed=self.seed + 100_000, tb_writer=self.logger.writer)
         return results

@@ -126,6 +126,11 @@ class EpisodeSliceBuffer:
         return self._size
 
     @property
+    def bytes_per_row(self) -> int:
+        """Storage bytes of one stored row (observation, action, reward, flags, episode id)."""
+        return sum(t.element_size() * t[0].numel() for t in self._storage.values())
+
+    @property
     def num_episodes(self) -> int:
         return len(self._episodes)
 

@@ -85,6 +85,13 @@ def test_registered_and_protocol():
     assert isinstance(make_buffer(), ReplayBuffer)
 
 
+def test_bytes_per_row_counts_every_stored_field():
+    # obs float32 x3, action float32 x2, reward float32, terminated bool, episode int64
+    assert make_buffer().bytes_per_row == 4 * OBS_DIM + 4 * ACT_DIM + 4 + 1 + 8
+    pixels = EnvSpec(obs_shape=(3, 8, 8), action_dim=1, episode_length=10, obs_type="pixels")
+    assert EpisodeSliceBuffer(pixels, capacity=10).bytes_per_row == 3 * 8 * 8 + 4 + 4 + 1 + 8
+
+
 def test_slices_never_cross_episodes_and_align():
     buf = make_buffer(capacity=500, batch_size=256, horizon=3)
     lengths = [1, 2, 3, 4, 5, 9, 17, 4, 1, 30, 2, 6]
