@@ -59,8 +59,12 @@ class EnsembleQHead(nn.Module):
     def reset_parameters(self) -> None:
         self.net.reset_parameters()
 
-    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(x, members)
+    # forward(..., input_grad_from=c): the first c input columns need no gradient
+    partial_input_grad = True
+
+    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None, *,
+                input_grad_from: int = 0) -> torch.Tensor:
+        return self.net(x, members, input_grad_from=input_grad_from)
 
 
 @register("heads")

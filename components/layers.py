@@ -218,29 +218,33 @@ class _EnsembleLinear(torch.autograd.Function):
     x [1 or m, N, in] (1: the same input for every member), w [M, in, out], b [M, 1, out]
     -> [m, N, out]. The same function as `baddbmm(b[idx], x.expand(m, ...), w[idx])`;
     outputs and gradients are written in place into slices (no stacking copies), and
-    members not in idx get zero gradient, as indexing would give them.
+    members not in idx get zero gradient, as indexing would give them. With
+    `grad_from` = c > 0 the caller promises that input columns before c feed nothing that
+    needs a gradient (a detached latent concatenated with an action): their input
+    gradient is returned as zero instead of computed.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                idx: tuple[int, ...]) -> torch.Tensor:
+                idx: tuple[int, ...], grad_from: int = 0) -> torch.Tensor:
         x = x.contiguous()
         out = x.new_empty(len(idx), x.shape[1], w.shape[2])
         for j, i in enumerate(idx):
             torch.addmm(b[i], x[j if x.shape[0] > 1 else 0], w[i], out=out[j])
         ctx.save_for_backward(x, w)
-        ctx.idx = idx
+        ctx.idx, ctx.grad_from = idx, grad_from
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, w = ctx.saved_tensors
-        idx, (need_x, need_w, need_b, _) = ctx.idx, ctx.needs_input_grad
+        idx, c = ctx.idx, ctx.grad_from
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad = grad.contiguous()
         every = idx == tuple(range(w.shape[0]))
         shared = x.shape[0] == 1
-        gx = x.new_empty(x.shape) if need_x else None
+        gx = (x.new_zeros(x.shape) if c else x.new_empty(x.shape)) if need_x else None
         gw = (torch.empty_like(w) if every else torch.zeros_like(w)) if need_w else None
         gb = None
         if need_b:
@@ -252,12 +256,13 @@ class _EnsembleLinear(torch.autograd.Function):
             if need_w:
                 torch.mm(x[0 if shared else j].t(), grad[j], out=gw[i])
             if need_x:
+                g = gx[0 if shared else j][:, c:]  # [N, in - c]
                 if shared and j > 0:  # the shared input's gradient sums over members
                     # (out= rather than addmm_: FlopCounterMode does not count addmm_)
-                    torch.addmm(gx[0], grad[j], w[i].t(), out=gx[0])
+                    torch.addmm(g, grad[j], w[i][c:].t(), out=g)
                 else:
-                    torch.mm(grad[j], w[i].t(), out=gx[0 if shared else j])
-        return gx, gw, gb, None
+                    torch.mm(grad[j], w[i][c:].t(), out=g)
+        return gx, gw, gb, None, None
 
 
 class EnsembleMLP(nn.Module):
@@ -311,14 +316,17 @@ class EnsembleMLP(nn.Module):
             groups.append(names)
         return groups
 
-    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None, *,
+                input_grad_from: int = 0) -> torch.Tensor:
+        """`input_grad_from` = c: input columns before c need no gradient (see
+        `_EnsembleLinear`; other paths compute it anyway, which changes nothing)."""
         lead = x.shape[:-1]
         h = x.reshape(1, -1, x.shape[-1])  # [1, N, in]
         idx = _member_list(members, self.num_members, x)
         for i in range(self.num_layers):
             w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}")
             if idx is not None:  # one GEMM per member, see _EnsembleLinear
-                h = _EnsembleLinear.apply(h, w, b, idx)
+                h = _EnsembleLinear.apply(h, w, b, idx, input_grad_from if i == 0 else 0)
             elif members is None and x.device.type == "cpu" and torch.compiler.is_compiling():
                 # the same per member GEMMs for inductor, which writes them into one buffer
                 h = torch.stack([torch.addmm(b[m], h[m if h.shape[0] > 1 else 0], w[m])

@@ -178,7 +178,10 @@ class WorldModel(nn.Module):
         members = torch.randperm(self.num_q, device=x.device)[:2]
         if detach:
             params = {k: v.detach() for k, v in net.named_parameters()}
-            logits = torch.func.functional_call(net, params, (x, members))  # [2, ..., K]
+            # a detached latent (the policy loss) needs no input gradient: skip computing it
+            kwargs = ({"input_grad_from": z.shape[-1]} if not z.requires_grad
+                      and getattr(net, "partial_input_grad", False) else {})
+            logits = torch.func.functional_call(net, params, (x, members), kwargs)
         else:
             logits = net(x, members)  # [2, ..., K]
         q1, q2 = self.decode(logits).unbind(0)  # [..., 1] each

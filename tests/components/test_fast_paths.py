@@ -161,3 +161,42 @@ def test_fused_optimizer_gives_the_same_updates(tiny_agent_factory):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     for (n, p), q in zip(fused.model.named_parameters(), loop.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("x_members", [1, 2])
+def test_ensemble_linear_skips_the_gradient_of_leading_columns(x_members):
+    """grad_from = c: the input gradient of columns >= c is the full one, columns < c get
+    zero (the caller promised nothing upstream needs them); weights' gradients unchanged."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 6, 5, requires_grad=True)
+    b = torch.randn(3, 1, 5, requires_grad=True)
+    x = torch.randn(x_members, 4, 6, requires_grad=True)
+    g = torch.randn(2, 4, 5)
+    full = torch.autograd.grad(layers._EnsembleLinear.apply(x, w, b, (2, 0)), (x, w, b), g)
+    part = torch.autograd.grad(layers._EnsembleLinear.apply(x, w, b, (2, 0), 4), (x, w, b), g)
+    torch.testing.assert_close(part[0][..., 4:], full[0][..., 4:])
+    assert part[0][..., :4].abs().sum() == 0 and full[0][..., :4].abs().sum() > 0
+    torch.testing.assert_close(part[1], full[1])
+    torch.testing.assert_close(part[2], full[2])
+
+
+def test_policy_q_gradient_reaches_the_action_only(tiny_agent_factory):
+    """Q(z, a, detach=True) with a detached latent (the policy loss) skips the latent's
+    input gradient; the action's gradient is that of the plain computation."""
+    torch.manual_seed(0)
+    agent = tiny_agent_factory(SPEC, num_q=5)
+    _randomize_outputs(agent)
+    model = agent.model
+    z = torch.randn(3, 4, model.latent_dim)
+    grads = []
+    for reference in (False, True):
+        torch.manual_seed(5)
+        a = (torch.rand(3, 4, SPEC.action_dim) * 2 - 1).requires_grad_(True)
+        with layers.reference_kernels() if reference else contextlib.nullcontext():
+            q = model.Q(z, a, return_type="avg", detach=True)
+        (ga,) = torch.autograd.grad(q.sum(), a)
+        grads.append((q.detach(), ga))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    assert grads[0][1].abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
