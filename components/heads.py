@@ -47,6 +47,9 @@ class EnsembleQHead(nn.Module):
     Shapes: x [..., in_dim] -> [Q, ..., K] (or [m, ..., K] for m selected members).
     """
 
+    # forward(..., input_grad_from=c): the first c input columns need no gradient
+    partial_input_grad = True
+
     def __init__(self, in_dim: int, num_bins: int, *, num_q: int = 5, hidden_dim: int = 512,
                  num_layers: int = 2, dropout: float = 0.01):
         super().__init__()
@@ -58,9 +61,6 @@ class EnsembleQHead(nn.Module):
 
     def reset_parameters(self) -> None:
         self.net.reset_parameters()
-
-    # forward(..., input_grad_from=c): the first c input columns need no gradient
-    partial_input_grad = True
 
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None, *,
                 input_grad_from: int = 0) -> torch.Tensor:
