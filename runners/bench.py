@@ -80,7 +80,10 @@ def count_flops(fn: Callable[[], Any]) -> int:
     forward and backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    # Counted on the eager code: tracing compiled functions under the counter's dispatch
+    # mode and module hooks makes dynamo skip their frames for good, so everything timed
+    # after the count would silently run eager.
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 

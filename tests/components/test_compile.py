@@ -34,7 +34,13 @@ def _compare(device, **switches):
     fast = _agent(device, **switches)
     fast.load_state_dict(eager.state_dict())
     assert list(fast.state_dict()["model"]) == list(eager.state_dict()["model"])
-    got, want = _run(fast), _run(eager)
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    got = _run(fast)
+    # The switch must compile something: a no-op `compile` would pass every comparison.
+    assert counters["stats"]["unique_graphs"] > graphs_before, "torch.compile traced no graph"
+    want = _run(eager)
     assert [k for k, _ in got] == [k for k, _ in want]
     for (name, a), (_, b) in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)

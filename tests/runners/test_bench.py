@@ -39,6 +39,25 @@ def test_count_flops_counts_matrix_products_forward_and_backward():
     assert bench.count_flops(lambda: lin(x).sum().backward()) == 3 * 2 * 16 * 64 * 32
 
 
+def _ran_compiled(fn) -> bool:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return any("Compiled" in e.name for e in prof.events())
+
+
+def test_count_flops_leaves_compiled_code_compiled():
+    lin = torch.nn.Linear(64, 32)
+    fn = torch.compile(lambda x: torch.nn.functional.mish(lin(x)))
+    x = torch.randn(16, 64)
+    fn(x)
+    assert _ran_compiled(lambda: fn(x))
+    assert bench.count_flops(lambda: fn(x)) == 2 * 16 * 64 * 32
+    # Later timings must still measure the compiled code, not an eager fallback.
+    assert _ran_compiled(lambda: fn(x))
+
+
 def test_summarize_reports_median_and_spread():
     s = bench.summarize([0.001 * i for i in range(1, 12)])  # 1..11 ms
     assert s["median_ms"] == pytest.approx(6.0)
