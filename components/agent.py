@@ -75,7 +75,8 @@ class TDMPC2Agent:
         fused_optimizer: run Adam as one fused kernel per step (same update as the
             per-parameter loop, within float tolerance; several times faster on CPU).
         compile: compile every network of the world model with `torch.compile` (each
-            module in place, so parameter names and checkpoints are unchanged). Random
+            module in place, so parameter names and checkpoints are unchanged), and the
+            planner's whole search as one graph (its `compile()`, where it has one). Random
             draws inside compiled code use eager PyTorch's generator, so a seed gives the
             same outputs as eager, within float tolerance. The first calls are slow.
         cuda_graphs: with `compile`, also capture the compiled networks as CUDA graphs
@@ -132,7 +133,10 @@ class TDMPC2Agent:
                              "TDMPC2Agent.compile = True as well")
         self.cuda_graphs = cuda_graphs
         if compile:
-            compile_networks(self.model, mode="reduce-overhead" if cuda_graphs else None)
+            mode = "reduce-overhead" if cuda_graphs else None
+            compile_networks(self.model, mode=mode)
+            if hasattr(self.planner, "compile"):  # the whole search as one graph
+                self.planner.compile(mode=mode)
         self.model.eval()
 
     def _step_begin(self) -> None:

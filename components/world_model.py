@@ -175,7 +175,10 @@ class WorldModel(nn.Module):
                 with torch.no_grad():
                     return net(x)
             return net(x)
-        members = torch.randperm(self.num_q, device=x.device)[:2]
+        # Two members: both, in order (min and mean are symmetric), with no draw; inductor
+        # (torch 2.13) fails to compile a permutation indexing a dimension of its length.
+        members = (torch.randperm(self.num_q, device=x.device)[:2] if self.num_q > 2
+                   else None)
         if detach:
             params = {k: v.detach() for k, v in net.named_parameters()}
             # a detached latent (the policy loss) needs no input gradient: skip computing it
