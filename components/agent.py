@@ -75,8 +75,9 @@ class TDMPC2Agent:
         fused_optimizer: run Adam as one fused kernel per step (same update as the
             per-parameter loop, within float tolerance; several times faster on CPU).
         compile: compile every network of the world model with `torch.compile` (each
-            module in place, so parameter names and checkpoints are unchanged), and the
-            planner's whole search as one graph (its `compile()`, where it has one). Random
+            module in place, so parameter names and checkpoints are unchanged), the
+            planner's whole search as one graph (its `compile()`, where it has one), and
+            each update's model-side and policy losses as one graph each. Random
             draws inside compiled code use eager PyTorch's generator, so a seed gives the
             same outputs as eager, within float tolerance. The first calls are slow.
         cuda_graphs: with `compile`, also capture the compiled networks as CUDA graphs
@@ -137,6 +138,10 @@ class TDMPC2Agent:
             compile_networks(self.model, mode=mode)
             if hasattr(self.planner, "compile"):  # the whole search as one graph
                 self.planner.compile(mode=mode)
+            # each update's two loss computations as one graph each (forward and backward)
+            self._model_forward = torch.compile(self._model_forward, mode=mode, dynamic=False)
+            self._policy_forward = torch.compile(self._policy_forward, mode=mode,
+                                                 dynamic=False)
         self.model.eval()
 
     def _step_begin(self) -> None:
@@ -183,15 +188,33 @@ class TDMPC2Agent:
         terms += [loss(*args) for loss in self.extra_losses if pathway in loss.pathways]
         return _merge(*terms)
 
-    def _prepare(self, batch: TensorDict, pathway: str):
-        """Latents for one pathway: zs [T+1, B, L] (detached unless `full`), next_z [T, B, L]
-        (target encoder, no gradient), and action, reward, terminated [T, B, ...]."""
-        obs, action, reward, terminated = self._unpack(batch)
+    def _latents(self, obs: torch.Tensor, action: torch.Tensor, pathway: str):
+        """zs [T+1, B, L] (detached unless `full`) and next_z [T, B, L] (target encoder, no
+        gradient)."""
         with torch.no_grad():
             next_z = self.model.encode(obs[1:], target=True)  # [T, B, L]
         with torch.set_grad_enabled(pathway == "full" and torch.is_grad_enabled()):
             zs = self._rollout(obs, action)  # [T+1, B, L]
+        return zs, next_z
+
+    def _prepare(self, batch: TensorDict, pathway: str):
+        """Latents for one pathway (see `_latents`) and action, reward, terminated
+        [T, B, ...]."""
+        obs, action, reward, terminated = self._unpack(batch)
+        zs, next_z = self._latents(obs, action, pathway)
         return zs, next_z, action, reward, terminated
+
+    def _model_forward(self, obs, action, reward, terminated, pathway: str):
+        """Latents zs and the model-side loss terms (a dict) of one update: one graph
+        under `compile`."""
+        zs, next_z = self._latents(obs, action, pathway)
+        terms = self._model_terms(pathway, zs, next_z, action, reward, terminated)
+        return zs, dict(terms.items())
+
+    def _policy_forward(self, zs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The policy terms of one update (updates the running scale): one graph under
+        `compile`."""
+        return dict(self.policy_loss(self.model, zs, self.scale).items())
 
     def losses(self, batch: TensorDict, pathway: str = "full", *,
                update_scale: bool = True) -> tuple[TensorDict, TensorDict]:
@@ -209,11 +232,14 @@ class TDMPC2Agent:
             raise ValueError(f"unknown update pathway {pathway!r}; expected one of {PATHWAYS}")
         self._step_begin()
         self.model.train()
-        zs, next_z, action, reward, terminated = self._prepare(batch, pathway)
+        obs, action, reward, terminated = self._unpack(batch)
         out: dict[str, torch.Tensor] = {}
         # Model / value update
-        if pathway != "policy":
-            model_terms = self._model_terms(pathway, zs, next_z, action, reward, terminated)
+        if pathway == "policy":
+            zs, _ = self._latents(obs, action, pathway)
+        else:
+            zs, terms = self._model_forward(obs, action, reward, terminated, pathway)
+            model_terms = TensorDict(terms, batch_size=[])
             model_total = _sum_losses(model_terms)
             if self.grad_log_every and self.num_updates % self.grad_log_every == 0:
                 out.update(self._grad_norms(model_terms))
@@ -225,7 +251,7 @@ class TDMPC2Agent:
             out.update(model_terms.detach().to_dict())
             out["loss_total"] = model_total.detach()
         # Policy update
-        pi_terms = self.policy_loss(self.model, zs, self.scale)
+        pi_terms = TensorDict(self._policy_forward(zs), batch_size=[])
         self.pi_optim.zero_grad(set_to_none=True)
         _sum_losses(pi_terms).backward()
         out["stats/grad_norm_policy"] = torch.nn.utils.clip_grad_norm_(

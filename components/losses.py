@@ -127,7 +127,7 @@ class AuxValueLoss:
         ce = rmath.soft_ce(logits, y, model.num_bins, model.vmin, model.vmax)  # [T, B, G, 1]
         per_t = ce.mean(dim=(1, 2, 3))  # [T]
         out = {"loss_aux_value": self.coef * (w * per_t).sum()}
-        for g, gamma in enumerate(gammas.tolist()):
+        for g, gamma in enumerate(model.aux_discount_values):
             out[f"stats/aux_td_target_mean/gamma_{gamma:g}"] = y[..., g, :].mean()
         return TensorDict(out, batch_size=[])
 

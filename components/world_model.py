@@ -77,6 +77,7 @@ class WorldModel(nn.Module):
         self.num_q = self._Qs.num_q
         self._target_Qs = _frozen_copy(self._Qs)
         self.register_buffer("aux_discounts", torch.tensor(list(aux_discounts), dtype=torch.float32))
+        self.aux_discount_values = tuple(float(g) for g in aux_discounts)  # for names
         self._aux_Qs = aux_q_head(za, num_bins, len(aux_discounts)) if len(aux_discounts) else None
         self._target_aux_Qs = _frozen_copy(self._aux_Qs) if self._aux_Qs is not None else None
         self.policy_ema_tau, self.encoder_ema_tau = policy_ema_tau, encoder_ema_tau

@@ -35,7 +35,9 @@ def two_hot(x: torch.Tensor, num_bins: int, vmin: float, vmax: float) -> torch.T
 
     Shapes: x [...] -> [..., K].
     """
-    if torch.isnan(x).any():
+    # (Compiled graphs cannot branch on data: there a NaN target gives a NaN loss, which
+    # the runners reject with their own error.)
+    if not torch.compiler.is_compiling() and torch.isnan(x).any():
         raise ValueError("two_hot received a NaN target; check rewards and TD targets")
     if num_bins <= 1:
         return symlog(x).unsqueeze(-1)
