@@ -46,6 +46,23 @@ def compile_networks(model: nn.Module, *, mode: str | None = None) -> None:
         module.compile(mode=mode)
 
 
+def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_`, returning the detached total norm.
+
+    torch scales every gradient by min(max_norm / (norm + 1e-6), 1), a multiply by
+    exactly 1 when the norm is within bounds. On CPU, where reading the norm costs no
+    device sync, that no-op is skipped: the same gradients, about 60 fewer kernels per
+    update (dog 5M: 4-5 ms).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if norm.device.type != "cpu" or not bool(max_norm / (norm + 1e-6) >= 1):  # NaN: scale
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.detach()
+
+
 def _merge(*tds: TensorDict) -> TensorDict:
     out: dict[str, torch.Tensor] = {}
     for td in tds:
@@ -245,8 +262,8 @@ class TDMPC2Agent:
                 out.update(self._grad_norms(model_terms))
             self.model_optim.zero_grad(set_to_none=True)
             model_total.backward()
-            out["stats/grad_norm_model"] = torch.nn.utils.clip_grad_norm_(
-                self.model.model_parameters(), self.grad_clip_norm).detach()
+            out["stats/grad_norm_model"] = clip_grad_norm(
+                list(self.model.model_parameters()), self.grad_clip_norm)
             self.model_optim.step()
             out.update(model_terms.detach().to_dict())
             out["loss_total"] = model_total.detach()
@@ -254,8 +271,8 @@ class TDMPC2Agent:
         pi_terms = TensorDict(self._policy_forward(zs), batch_size=[])
         self.pi_optim.zero_grad(set_to_none=True)
         _sum_losses(pi_terms).backward()
-        out["stats/grad_norm_policy"] = torch.nn.utils.clip_grad_norm_(
-            self.model.module_groups()["policy"].parameters(), self.grad_clip_norm).detach()
+        out["stats/grad_norm_policy"] = clip_grad_norm(
+            list(self.model.module_groups()["policy"].parameters()), self.grad_clip_norm)
         self.pi_optim.step()
         out.update(pi_terms.detach().to_dict())
         # Target and EMA copies

@@ -200,3 +200,21 @@ def test_policy_q_gradient_reaches_the_action_only(tiny_agent_factory):
     torch.testing.assert_close(grads[0][1], grads[1][1])
     assert grads[0][1].abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("grad_scale", [1e-3, 1e3, float("nan")])
+def test_clip_grad_norm_matches_torch(grad_scale):
+    """Within bounds (no scaling), beyond them (scaled) and NaN: the same norm and the
+    same gradients, bit for bit, as torch.nn.utils.clip_grad_norm_."""
+    from components.agent import clip_grad_norm
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(50, 40)) for _ in range(3)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for p, q in zip(ours, ref):
+        p.grad = torch.randn_like(p) * grad_scale
+        q.grad = p.grad.clone()
+    got, want = clip_grad_norm(ours, 20.0), torch.nn.utils.clip_grad_norm_(ref, 20.0)
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.grad, q.grad, equal_nan=True, rtol=0, atol=0)
