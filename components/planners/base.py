@@ -132,8 +132,11 @@ class PopulationPlanner:
     def plan(self, z: torch.Tensor, is_first: torch.Tensor, *, eval_mode: bool = False) -> torch.Tensor:
         stream = "eval" if eval_mode else "train"
         mean = self._warm_start(stream, is_first, z.shape[0], z.device)  # [E, H, A]
-        a, mean, self.last_stats = self._search(z, mean, eval_mode)
-        self._prev_mean[stream] = mean
+        a, mean, stats = self._search(z, mean, eval_mode)
+        # Copies: under CUDA graphs the search's outputs live in buffers its next replay
+        # overwrites, and these are read after it.
+        self._prev_mean[stream] = mean.clone()
+        self.last_stats = {k: v.clone() for k, v in stats.items()}
         return a
 
     def _search(self, z: torch.Tensor, mean: torch.Tensor, eval_mode: bool):
