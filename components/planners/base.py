@@ -126,6 +126,9 @@ class PopulationPlanner:
         PyTorch's generator (`fallback_random`), so a seed gives the same plans. The
         first call per shape compiles (about a minute for dog-run's 5M model here).
         """
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True  # eager RNG: the same draws
         self._search = torch.compile(self._search, mode=mode, dynamic=False)
 
     @torch.no_grad()
