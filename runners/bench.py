@@ -126,6 +126,65 @@ def time_interleaved(fn: Callable[[], Any], matmul: Matmul, repeats: int,
     return fn_times, mm_times
 
 
+# Operators (profiler event names) of each category of `time_breakdown`. Matrix products
+# are the operators FlopCounterMode counts, so their time and the counted FLOPs match.
+MATRIX_OPS = frozenset({
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm",
+    "aten::_addmm_activation", "aten::mkldnn_convolution", "aten::convolution_backward",
+    "aten::_scaled_mm"})
+RANDOM_OPS = frozenset({
+    "aten::bernoulli_", "aten::bernoulli", "aten::normal_", "aten::uniform_",
+    "aten::randperm", "aten::random_", "aten::multinomial", "aten::exponential_"})
+COMPILED_PREFIXES = ("## Call CompiledFxGraph", "graph_", "cpp_fused", "triton_")
+OPTIMIZER_PREFIXES = ("aten::_fused_adam", "aten::_foreach_", "aten::lerp", "Optimizer.")
+BREAKDOWN_KEYS = ("matrix_products", "random_draws", "compiled_kernels", "optimizer_ema",
+                  "other_ops", "unattributed")
+
+
+def categorize(name: str) -> str:
+    """The `time_breakdown` category of one profiler event name."""
+    if name in MATRIX_OPS:
+        return "matrix_products"
+    if name in RANDOM_OPS:
+        return "random_draws"
+    if name.startswith(COMPILED_PREFIXES):
+        return "compiled_kernels"
+    if name.startswith(OPTIMIZER_PREFIXES):
+        return "optimizer_ema"
+    return "other_ops"
+
+
+def time_breakdown(fn: Callable[[], Any], *, flops: int, matmul_gflops: float,
+                   repeats: int = 3) -> dict[str, Any]:
+    """Where one call of `fn` spends its CPU time, from a profile of `repeats` calls.
+
+    Each operator's self time goes to one category (`categorize`): matrix products,
+    random draws, compiled (inductor) kernels and their wrappers, optimizer steps and EMA,
+    and other operators; `unattributed` is wall time outside any operator (Python,
+    dispatch). Profiling slows the calls down, so the figures are ms per profiled call and
+    shares of it. The matrix products' own rate is `flops` over their time, and its ratio
+    to the matmul reference says how far they are from the machine's GEMM speed.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        wall = (time.perf_counter() - t0) / repeats
+    ms = dict.fromkeys(BREAKDOWN_KEYS, 0.0)
+    for e in prof.key_averages():
+        ms[categorize(e.key)] += e.self_cpu_time_total / 1e3 / repeats
+    ms["unattributed"] = max(0.0, wall * 1e3 - sum(ms.values()))
+    total = sum(ms.values())
+    mat_s = ms["matrix_products"] / 1e3
+    mat_gflops = flops / mat_s / 1e9 if mat_s > 0 else 0.0
+    return {"profiled_ms": total, "ms": ms, "share": {k: v / total for k, v in ms.items()},
+            "matrix_gflops_per_s": mat_gflops,
+            "matrix_fraction_of_matmul": mat_gflops / matmul_gflops if matmul_gflops else 0.0,
+            "repeats": repeats}
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -185,7 +244,8 @@ def _end_to_end(runner, agent_steps: int) -> dict[str, Any] | None:
 
 
 def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
-              sample_repeats: int, run_dir: str) -> dict[str, Any]:
+              sample_repeats: int, run_dir: str,
+              breakdown_repeats: int = 3) -> dict[str, Any]:
     from runners.pipelines import OnlineRunner
 
     runner = OnlineRunner(run_dir)
@@ -220,20 +280,29 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
     matmul = Matmul(device)
     interleaved_mm: list[float] = []
 
-    def measure(fn):
+    breakdowns: dict[str, Any] = {}
+    # The breakdown attributes CPU time by operator: on a GPU that would be launch time.
+    profile_parts = breakdown_repeats > 0 and device.type == "cpu"
+
+    def measure(fn, name):
         times, mm_times = time_interleaved(fn, matmul, repeats, device, warmup=2)
         interleaved_mm.extend(mm_times)
-        return times, count_flops(fn), matmul.rate(mm_times)["gflops_per_s"]
+        flops, mm_rate = count_flops(fn), matmul.rate(mm_times)["gflops_per_s"]
+        if profile_parts:
+            breakdowns[name] = time_breakdown(fn, flops=flops, matmul_gflops=mm_rate,
+                                              repeats=breakdown_repeats)
+        return times, flops, mm_rate
 
     for E in envs:
         _log.info("bench: planning, E=%d", E)
         obs = _random_obs(spec, E, device)
         is_first = torch.zeros(E, dtype=torch.bool)
         agent.act(obs, torch.ones(E, dtype=torch.bool))  # warm start in place
-        parts[f"plan_E{E}"] = measure(functools.partial(agent.act, obs, is_first))
+        parts[f"plan_E{E}"] = measure(functools.partial(agent.act, obs, is_first),
+                                      f"plan_E{E}")
     _log.info("bench: update")
     batch = replay.sample()
-    parts["update"] = measure(functools.partial(agent.update, batch))
+    parts["update"] = measure(functools.partial(agent.update, batch), "update")
     _log.info("bench: replay sample and env steps")
     parts["replay_sample"] = (time_calls(replay.sample, sample_repeats, device), None, None)
     env_results = {}
@@ -250,6 +319,8 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
     for name, (times, flops, mm_gflops) in parts.items():
         timing = summarize(times)
         result[name] = _with_rate(timing, flops, mm_gflops) if flops else timing
+    for name, breakdown in breakdowns.items():
+        result[name]["breakdown"] = breakdown
     for E in envs:
         result[f"env_step_E{E}"]["env_steps_per_second"] = (
             E * spec.action_repeat / (result[f"env_step_E{E}"]["median_ms"] / 1e3))
@@ -291,6 +362,7 @@ def format_table(result: dict[str, Any]) -> str:
                 if "flops" in r else " | | | ")
         lines.append(f"| {name} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} "
                      f"| {r['n']} | {rate} |")
+    lines += _format_breakdowns(result)
     e2e = result.get("end_to_end")
     lines.append("")
     if e2e:
@@ -309,6 +381,24 @@ def format_table(result: dict[str, Any]) -> str:
         mem_line += f"; CUDA peak {mem['cuda_peak_allocated_bytes'] / 2**30:.2f} GiB allocated"
     lines.append(mem_line)
     return "\n".join(lines)
+
+
+def _format_breakdowns(result: dict[str, Any]) -> list[str]:
+    rows = {name: r["breakdown"] for name, r in result.items()
+            if isinstance(r, dict) and r.get("breakdown")}
+    if not rows:
+        return []
+    heads = ["matrix products", "random draws", "compiled kernels", "optimizer, EMA",
+             "other ops", "unattributed"]
+    lines = ["", "Where the time goes (CPU profile, ms per profiled call and share; the matrix "
+                 "products' own GFLOP/s and its ratio to the matmul reference):", "",
+             "| part | profiled ms | " + " | ".join(heads) + " | matrix GFLOP/s | of matmul |",
+             "| --- | ---: | " + " | ".join("---:" for _ in heads) + " | ---: | ---: |"]
+    for name, b in rows.items():
+        cells = " | ".join(f"{b['ms'][k]:.1f} ({b['share'][k]:.0%})" for k in BREAKDOWN_KEYS)
+        lines.append(f"| {name} | {b['profiled_ms']:.1f} | {cells} | "
+                     f"{b['matrix_gflops_per_s']:.1f} | {b['matrix_fraction_of_matmul']:.0%} |")
+    return lines
 
 
 def _parse_envs(text: str) -> list[int]:
@@ -339,11 +429,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="agent steps of random actions that fill the replay first")
     p.add_argument("--pretrain_updates", type=int, default=10,
                    help="updates when seeding ends (not timed)")
+    p.add_argument("--breakdown_repeats", type=int, default=3,
+                   help="profiled calls per part for the time breakdown, CPU only (0 skips)")
     p.add_argument("--e2e_steps", type=int, default=100,
                    help="agent steps of online training timed end to end (0 skips)")
     args = p.parse_args(argv)
     try:
         envs = _parse_envs(args.envs)
+        if args.breakdown_repeats < 0:
+            raise common.ConfigError(
+                f"--breakdown_repeats must be >= 0 (0 skips), got {args.breakdown_repeats}")
         for flag in ("repeats", "sample_repeats", "seed_steps"):
             if getattr(args, flag) < 1:
                 raise common.ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -363,7 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = run_bench(repeats=args.repeats, envs=envs,
                                    e2e_agent_steps=args.e2e_steps,
                                    sample_repeats=args.sample_repeats,
-                                   run_dir=str(Path(tmp) / "run"))
+                                   run_dir=str(Path(tmp) / "run"),
+                                   breakdown_repeats=args.breakdown_repeats)
             except (ValueError, TypeError) as e:
                 raise common.ConfigError(f"could not build the benchmark: {e}") from None
     except (common.ConfigError, common.RunError) as e:

@@ -58,6 +58,50 @@ def test_count_flops_leaves_compiled_code_compiled():
     assert _ran_compiled(lambda: fn(x))
 
 
+def test_categorize_puts_operators_in_their_category():
+    assert bench.categorize("aten::addmm") == "matrix_products"
+    assert bench.categorize("aten::baddbmm") == "matrix_products"
+    assert bench.categorize("aten::bernoulli_") == "random_draws"
+    assert bench.categorize("## Call CompiledFxGraph fabc ##") == "compiled_kernels"
+    assert bench.categorize("aten::_fused_adam_") == "optimizer_ema"
+    assert bench.categorize("aten::lerp_") == "optimizer_ema"
+    assert bench.categorize("aten::native_layer_norm") == "other_ops"
+
+
+def test_time_breakdown_attributes_a_call_to_its_operators():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 256)
+    x = torch.randn(512, 256)
+
+    def fn():
+        h = torch.nn.functional.dropout(lin(x), 0.1, training=True)
+        return torch.nn.functional.layer_norm(h, h.shape[-1:])
+
+    flops = bench.count_flops(fn)
+    assert flops == 2 * 512 * 256 * 256
+    b = bench.time_breakdown(fn, flops=flops, matmul_gflops=100.0, repeats=2)
+    assert set(b["ms"]) == set(bench.BREAKDOWN_KEYS)
+    assert b["ms"]["matrix_products"] > 0 and b["ms"]["random_draws"] > 0
+    assert b["ms"]["other_ops"] > 0  # layer norm, the dropout's multiply
+    assert b["ms"]["compiled_kernels"] == 0 and b["ms"]["optimizer_ema"] == 0
+    assert sum(b["ms"].values()) == pytest.approx(b["profiled_ms"])
+    assert sum(b["share"].values()) == pytest.approx(1.0)
+    assert b["matrix_gflops_per_s"] == pytest.approx(
+        flops / (b["ms"]["matrix_products"] / 1e3) / 1e9)
+    assert b["matrix_fraction_of_matmul"] == pytest.approx(b["matrix_gflops_per_s"] / 100.0)
+
+
+def test_time_breakdown_sees_compiled_kernels_and_leaves_them_compiled():
+    lin = torch.nn.Linear(64, 32)
+    fn = torch.compile(lambda x: torch.nn.functional.mish(lin(x)))
+    x = torch.randn(16, 64)
+    fn(x)
+    b = bench.time_breakdown(lambda: fn(x), flops=2 * 16 * 64 * 32, matmul_gflops=1.0,
+                             repeats=2)
+    assert b["ms"]["compiled_kernels"] > 0
+    assert _ran_compiled(lambda: fn(x))
+
+
 def test_summarize_reports_median_and_spread():
     s = bench.summarize([0.001 * i for i in range(1, 12)])  # 1..11 ms
     assert s["median_ms"] == pytest.approx(6.0)
@@ -121,6 +165,18 @@ def test_planning_flops_are_counted_and_scale_with_envs(tiny_bench):
         assert r["matmul_fraction"] == pytest.approx(r["gflops_per_s"] / r["matmul_gflops_per_s"])
 
 
+def test_bench_breaks_planning_and_update_time_down(tiny_bench):
+    result, stdout = tiny_bench
+    for part in ("plan_E1", "plan_E4", "update"):
+        b = result[part]["breakdown"]
+        assert sum(b["share"].values()) == pytest.approx(1.0)
+        assert b["ms"]["matrix_products"] > 0 and b["matrix_gflops_per_s"] > 0
+        assert f"| {part} | {b['profiled_ms']:.1f} |" in stdout
+    assert result["update"]["breakdown"]["ms"]["optimizer_ema"] > 0  # Adam and the EMA
+    assert "breakdown" not in result["replay_sample"]
+    assert "Where the time goes" in stdout
+
+
 def test_end_to_end_shares_cover_the_wall_time(tiny_bench):
     result, _ = tiny_bench
     e2e = result["end_to_end"]
@@ -133,6 +189,7 @@ def test_end_to_end_shares_cover_the_wall_time(tiny_bench):
 @pytest.mark.parametrize("args, message", [
     (["--envs=0"], "--envs"),
     (["--repeats=0"], "--repeats"),
+    (["--breakdown_repeats=-1"], "--breakdown_repeats"),
     (["--gin_param=OnlineRunner.no_such_thing = 1"], "no_such_thing"),
 ])
 def test_bad_input_fails_with_one_clear_error(tmp_path, args, message):
