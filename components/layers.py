@@ -265,6 +265,36 @@ class _EnsembleLinear(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
+class _BatchedLinearGradFrom(torch.autograd.Function):
+    """`baddbmm(b, x, w)` whose input gradient skips the columns before c.
+
+    x [m, N, in] (an expanded view is fine), w [m, in, out], b [m, 1, out] -> [m, N, out].
+    The caller promises that input columns before c feed nothing that needs a gradient (a
+    detached latent concatenated with an action): their gradient is returned as zero
+    instead of computed, so the input-gradient product is [N, out] x [out, in - c] per
+    member instead of [N, out] x [out, in]. The batched counterpart of `_EnsembleLinear`'s
+    `grad_from`, for the paths that run the ensemble as one batched matmul (CUDA,
+    torch.compile).
+    """
+
+    @staticmethod
+    def forward(ctx, b: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                grad_from: int) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.grad_from = grad_from
+        return torch.baddbmm(b, x, w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        c = ctx.grad_from
+        need_b, need_x, need_w = ctx.needs_input_grad[:3]
+        gb = grad.sum(1, keepdim=True) if need_b else None
+        gx = (F.pad(torch.bmm(grad, w[:, c:].transpose(1, 2)), (c, 0)) if need_x else None)
+        gw = torch.bmm(x.transpose(1, 2), grad) if need_w else None
+        return gb, gx, gw, None
+
+
 class EnsembleMLP(nn.Module):
     """M independent MLPs with stacked weights, run as batched matmuls.
 
@@ -318,8 +348,8 @@ class EnsembleMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None, *,
                 input_grad_from: int = 0) -> torch.Tensor:
-        """`input_grad_from` = c: input columns before c need no gradient (see
-        `_EnsembleLinear`; other paths compute it anyway, which changes nothing)."""
+        """`input_grad_from` = c: input columns before c need no gradient, and get zero
+        instead (see `_EnsembleLinear` and `_BatchedLinearGradFrom`)."""
         lead = x.shape[:-1]
         h = x.reshape(1, -1, x.shape[-1])  # [1, N, in]
         idx = _member_list(members, self.num_members, x)
@@ -327,6 +357,11 @@ class EnsembleMLP(nn.Module):
             w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}")
             if idx is not None:  # one GEMM per member, see _EnsembleLinear
                 h = _EnsembleLinear.apply(h, w, b, idx, input_grad_from if i == 0 else 0)
+            elif i == 0 and input_grad_from and not _REFERENCE:
+                if members is not None:
+                    w, b = w[members], b[members]  # [m, in, out], [m, 1, out]
+                h = _BatchedLinearGradFrom.apply(b, h.expand(w.shape[0], -1, -1), w,
+                                                 input_grad_from)
             elif members is None and x.device.type == "cpu" and torch.compiler.is_compiling():
                 # the same per member GEMMs for inductor, which writes them into one buffer
                 h = torch.stack([torch.addmm(b[m], h[m if h.shape[0] > 1 else 0], w[m])

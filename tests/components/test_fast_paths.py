@@ -180,6 +180,57 @@ def test_ensemble_linear_skips_the_gradient_of_leading_columns(x_members):
     torch.testing.assert_close(part[2], full[2])
 
 
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_batched_linear_skips_the_gradient_of_leading_columns(shared_input):
+    """The batched path's grad_from (CUDA, torch.compile): columns >= c get the input
+    gradient of plain baddbmm, columns < c zero; weight and bias gradients unchanged; the
+    skipped product is not run (counted FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 6, 5, requires_grad=True)
+    b = torch.randn(3, 1, 5, requires_grad=True)
+    x0 = torch.randn(1 if shared_input else 3, 4, 6, requires_grad=True)
+    g = torch.randn(3, 4, 5)
+
+    def grads(fn):
+        with FlopCounterMode(display=False) as counter:
+            out = torch.autograd.grad(fn(x0.expand(3, -1, -1)), (x0, w, b), g)
+        return out, counter.get_total_flops()
+
+    full, full_flops = grads(lambda x: torch.baddbmm(b, x, w))
+    part, part_flops = grads(lambda x: layers._BatchedLinearGradFrom.apply(b, x, w, 4))
+    torch.testing.assert_close(part[0][..., 4:], full[0][..., 4:])
+    assert part[0][..., :4].abs().sum() == 0 and full[0][..., :4].abs().sum() > 0
+    torch.testing.assert_close(part[1], full[1])
+    torch.testing.assert_close(part[2], full[2])
+    # forward, weight gradient and input gradient of 6 columns vs of the last 2
+    assert full_flops - part_flops == 2 * 3 * 4 * 5 * 4
+
+
+def test_policy_q_gradient_reaches_the_action_only_on_the_batched_path(tiny_agent_factory):
+    """Repeated members run as one batched matmul: the policy loss's Q still gives the
+    action the plain computation's gradient, through `_BatchedLinearGradFrom`."""
+    torch.manual_seed(0)
+    agent = tiny_agent_factory(SPEC, num_q=5)
+    _randomize_outputs(agent)
+    net = agent.model._Qs
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    z = torch.randn(3, 4, agent.model.latent_dim)
+    members = torch.tensor([3, 3])  # repeated: not the per-member GEMMs
+    out = []
+    for grad_from in (z.shape[-1], 0):
+        a = (torch.rand(3, 4, SPEC.action_dim, generator=torch.Generator().manual_seed(1))
+             * 2 - 1).requires_grad_(True)
+        x = torch.cat([z, a], -1)
+        logits = torch.func.functional_call(net, params, (x, members),
+                                            {"input_grad_from": grad_from})
+        out.append((logits.detach(), torch.autograd.grad(logits.square().sum(), a)[0]))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    torch.testing.assert_close(out[0][1], out[1][1])
+    assert out[0][1].abs().sum() > 0
+
+
 def test_policy_q_gradient_reaches_the_action_only(tiny_agent_factory):
     """Q(z, a, detach=True) with a detached latent (the policy loss) skips the latent's
     input gradient; the action's gradient is that of the plain computation."""
