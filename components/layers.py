@@ -265,18 +265,6 @@ class _EnsembleLinear(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
-def _dropout(h: torch.Tensor, p: float) -> torch.Tensor:
-    """`F.dropout(h, p, training=True)`. Under torch.compile the mask is drawn as eager
-    `native_dropout` draws it (one `bernoulli_(1 - p)` over h's elements, the same
-    generator calls, so the same mask for a seed) and the multiply is left to inductor,
-    which fuses it, and its gradient, into the LayerNorm that follows."""
-    if torch.compiler.is_compiling() and 0 < p < 1:
-        keep = torch.empty_like(h).bernoulli_(1 - p)
-        return h * keep * (1.0 / (1 - p))
-    return F.dropout(h, p, training=True)
-
-
-
 class _BatchedLinearGradFrom(torch.autograd.Function):
     """`baddbmm(b, x, w)` whose input gradient skips the columns before c.
 
@@ -388,7 +376,7 @@ class EnsembleMLP(nn.Module):
             # h: [M, N, out]
             if i < self.num_layers - 1:
                 if i == 0 and self.dropout and self.training:
-                    h = _dropout(h, self.dropout)
+                    h = F.dropout(h, self.dropout, training=True)
                 ln_w, ln_b = getattr(self, f"ln_w{i}"), getattr(self, f"ln_b{i}")
                 if members is not None:
                     ln_w, ln_b = ln_w[members], ln_b[members]
