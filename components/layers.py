@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rlcore.bernoulli import dropout as _dropout
+
 
 _REFERENCE = False
 
@@ -115,6 +117,13 @@ class SimNorm(nn.Module):
         return f"dim={self.dim}"
 
 
+class Dropout(nn.Dropout):
+    """`nn.Dropout` whose CPU mask is drawn by `rlcore.bernoulli` (the same values, faster)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _dropout(x, self.p, self.training) if not self.inplace else super().forward(x)
+
+
 class NormedLinear(nn.Sequential):
     """Linear -> (Dropout) -> LayerNorm -> activation (Mish unless given)."""
 
@@ -122,7 +131,7 @@ class NormedLinear(nn.Sequential):
                  act: nn.Module | None = None):
         layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
         if dropout:
-            layers.append(nn.Dropout(dropout))
+            layers.append(Dropout(dropout))
         layers += [nn.LayerNorm(out_dim), act if act is not None else Mish()]
         super().__init__(*layers)
 
@@ -376,7 +385,7 @@ class EnsembleMLP(nn.Module):
             # h: [M, N, out]
             if i < self.num_layers - 1:
                 if i == 0 and self.dropout and self.training:
-                    h = F.dropout(h, self.dropout, training=True)
+                    h = _dropout(h, self.dropout)  # F.dropout, mask drawn vectorized
                 ln_w, ln_b = getattr(self, f"ln_w{i}"), getattr(self, f"ln_b{i}")
                 if members is not None:
                     ln_w, ln_b = ln_w[members], ln_b[members]
