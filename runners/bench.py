@@ -134,7 +134,8 @@ MATRIX_OPS = frozenset({
     "aten::_scaled_mm"})
 RANDOM_OPS = frozenset({
     "aten::bernoulli_", "aten::bernoulli", "aten::normal_", "aten::uniform_",
-    "aten::randperm", "aten::random_", "aten::multinomial", "aten::exponential_"})
+    "aten::randperm", "aten::random_", "aten::multinomial", "aten::exponential_",
+    "tdmpc2::bernoulli_"})  # rlcore.bernoulli's draw, as compiled graphs call it
 COMPILED_PREFIXES = ("## Call CompiledFxGraph", "graph_", "cpp_fused", "triton_")
 OPTIMIZER_PREFIXES = ("aten::_fused_adam", "aten::_foreach_", "aten::lerp", "Optimizer.")
 BREAKDOWN_KEYS = ("matrix_products", "random_draws", "compiled_kernels", "optimizer_ema",
