@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from components.fused import layer_norm_mish
 from rlcore.bernoulli import dropout as _dropout
 
 
@@ -135,6 +136,22 @@ class NormedLinear(nn.Sequential):
         layers += [nn.LayerNorm(out_dim), act if act is not None else Mish()]
         super().__init__(*layers)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post_linear(self[0](x))
+
+    def post_linear(self, h: torch.Tensor) -> torch.Tensor:
+        """Everything after the Linear: (Dropout ->) LayerNorm -> activation. LayerNorm
+        followed by Mish runs as one fused kernel where it applies (`components.fused`)."""
+        *pre, ln, act = list(self)[1:]
+        for layer in pre:
+            h = layer(h)
+        if (isinstance(act, Mish) and not _REFERENCE and ln.weight is not None
+                and ln.bias is not None and len(ln.normalized_shape) == 1):
+            y = layer_norm_mish(h, ln.weight, ln.bias, ln.eps)
+            if y is not None:
+                return y
+        return act(ln(h))
+
 
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, *, out_act: nn.Module | None = None,
         dropout: float = 0.0) -> nn.Sequential:
@@ -178,8 +195,9 @@ def concat_mlp(net: nn.Sequential, z: torch.Tensor, a: torch.Tensor) -> torch.Te
     L = z.shape[-1]
     h = F.linear(a, first.weight[:, L:], first.bias) + F.linear(z, first.weight[:, :L])
     mods = list(net)
-    rest = (list(mods[0])[1:] if isinstance(mods[0], NormedLinear) else []) + mods[1:]
-    for layer in rest:
+    if isinstance(mods[0], NormedLinear):
+        h = mods[0].post_linear(h)
+    for layer in mods[1:]:
         h = layer(h)
     return h
 
@@ -389,7 +407,8 @@ class EnsembleMLP(nn.Module):
                 ln_w, ln_b = getattr(self, f"ln_w{i}"), getattr(self, f"ln_b{i}")
                 if members is not None:
                     ln_w, ln_b = ln_w[members], ln_b[members]
-                h = mish(torch.addcmul(ln_b, F.layer_norm(h, h.shape[-1:]), ln_w))
+                y = None if _REFERENCE else layer_norm_mish(h, ln_w, ln_b)  # fused, CPU
+                h = y if y is not None else mish(torch.addcmul(ln_b, F.layer_norm(h, h.shape[-1:]), ln_w))
         return h.reshape(h.shape[0], *lead, h.shape[-1])  # [M, ..., out]
 
     def extra_repr(self) -> str:

@@ -10,11 +10,9 @@ PyTorch's draw would have left it, with a small C kernel that the compiler vecto
 on integers): about 8x faster. Every later draw (`randn`, `rand`, another mask) sees the
 same stream as before, so a seed gives the same results.
 
-The kernel is compiled on first use with the system C compiler (`$CC`, default `cc`; the
-same one torch.compile uses on CPU) into a cache folder (`$TDMPC2_CACHE_DIR`, else
-`$XDG_CACHE_HOME/tdmpc2-gin`, else `~/.cache/tdmpc2-gin`), keyed by the source, the flags
-and this CPU's model and flags. Without a compiler, or with `TDMPC2_FAST_BERNOULLI=0`,
-every call is PyTorch's own draw: the same values, slower.
+The kernel is compiled on first use by `rlcore.native` (system C compiler, cached).
+Without a compiler, or with `TDMPC2_NATIVE_KERNELS=0`, every call is PyTorch's own draw:
+the same values, slower.
 
 `dropout(x, p)` is `F.dropout` (training) with the mask drawn here; on CPU in eager mode
 its output and gradients equal `F.dropout`'s bit for bit. Under torch.compile the draw is
@@ -26,24 +24,15 @@ tensors and explicit generators take PyTorch's path unchanged.
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import logging
 import math
-import os
-import platform
-import subprocess
-import tempfile
-import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bernoulli_", "dropout", "fast_bernoulli_available"]
+from rlcore import native
 
-_log = logging.getLogger("rlcore")
+__all__ = ["bernoulli_", "dropout", "fast_bernoulli_available"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -140,59 +129,21 @@ int tdmpc2_bernoulli(uint32_t *state, int32_t *left, uint64_t *next, void *out, 
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-std=c99", "-shared", "-fPIC"]
 _KINDS = {torch.float32: 0, torch.bool: 1, torch.uint8: 1}
 # CPUGeneratorImpl's serialized state (torch.get_rng_state()): seed u64, left i32,
 # seeded i32, next u64, then the 624 state words, each stored as a u64.
 _LEFT, _NEXT, _STATE, _N = 8, 16, 24, 624
 
 
-def _cache_dir() -> Path:
-    if os.environ.get("TDMPC2_CACHE_DIR"):
-        return Path(os.environ["TDMPC2_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tdmpc2-gin"
-
-
-def _cpu_signature() -> str:
-    """Model and flags of this CPU: a -march=native build is reused only where it runs."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
-    return platform.machine() + "\n" + "\n".join(sorted(set(keep)))
-
-
-@functools.lru_cache(maxsize=1)
 def _library():
-    """The compiled kernel (ctypes), or None where it cannot be built (then torch draws)."""
-    if os.environ.get("TDMPC2_FAST_BERNOULLI", "1") == "0":
-        return None
-    cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\n".join([_SOURCE, cc, *_FLAGS, _cpu_signature()]).encode()).hexdigest()
-    path = _cache_dir() / f"bernoulli_{key[:20]}.so"
-    try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                src = Path(tmp) / "bernoulli.c"
-                src.write_text(_SOURCE)
-                out = Path(tmp) / path.name
-                subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], check=True,
-                               capture_output=True, text=True, timeout=120)
-                os.replace(out, path)  # atomic: concurrent builders each write a whole file
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as err:
-        detail = getattr(err, "stderr", "") or err
-        warnings.warn(f"rlcore.bernoulli: could not build the fast Bernoulli kernel ({detail}); "
-                      "dropout masks use PyTorch's serial draw (same values, slower)",
-                      RuntimeWarning, stacklevel=3)
+    """The compiled kernel's function, or None (then PyTorch draws)."""
+    lib = native.load("bernoulli", _SOURCE)
+    if lib is None:
         return None
     fn = lib.tdmpc2_bernoulli
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_uint64, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    _log.debug("fast Bernoulli kernel: %s", path)
+    if fn.argtypes is None:
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_uint64, ctypes.c_int]
+        fn.restype = ctypes.c_int
     return fn
 
 

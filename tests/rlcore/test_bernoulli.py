@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import components.layers as layers
 from components.layers import EnsembleMLP, NormedLinear
 from rlcore import bernoulli as B
+from rlcore import native
 
 
 def _compiler_present() -> bool:
@@ -22,7 +23,7 @@ def _compiler_present() -> bool:
 def test_kernel_builds_where_a_compiler_is_present():
     if not _compiler_present():
         pytest.skip("no C compiler on this machine")
-    assert os.environ.get("TDMPC2_FAST_BERNOULLI", "1") != "0"
+    assert native.enabled()
     assert B.fast_bernoulli_available()
 
 
@@ -141,8 +142,8 @@ def test_compiled_draws_keep_their_order_and_are_never_merged():
 
 
 def test_without_the_kernel_every_call_is_torchs_draw(monkeypatch, tmp_path):
-    B._library.cache_clear()
-    monkeypatch.setenv("TDMPC2_FAST_BERNOULLI", "0")
+    native.clear()
+    monkeypatch.setenv("TDMPC2_NATIVE_KERNELS", "0")
     try:
         assert not B.fast_bernoulli_available()
         torch.manual_seed(2)
@@ -150,15 +151,15 @@ def test_without_the_kernel_every_call_is_torchs_draw(monkeypatch, tmp_path):
         torch.manual_seed(2)
         assert torch.equal(B.bernoulli_(torch.empty(1000), 0.6), ref)
     finally:
-        B._library.cache_clear()
+        native.clear()
 
 
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
-    B._library.cache_clear()
+    native.clear()
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TDMPC2_CACHE_DIR", str(tmp_path / "cache"))
     try:
-        with pytest.warns(RuntimeWarning, match="fast Bernoulli kernel"):
+        with pytest.warns(RuntimeWarning, match="could not build the bernoulli kernel"):
             assert not B.fast_bernoulli_available()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -168,13 +169,13 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
             assert torch.equal(B.bernoulli_(torch.empty(777), 0.5), ref)
         assert not list((tmp_path / "cache").glob("*.so"))
     finally:
-        B._library.cache_clear()
+        native.clear()
 
 
 def test_a_fresh_cache_folder_gets_a_working_build(monkeypatch, tmp_path):
     if not _compiler_present():
         pytest.skip("no C compiler on this machine")
-    B._library.cache_clear()
+    native.clear()
     monkeypatch.setenv("TDMPC2_CACHE_DIR", str(tmp_path))
     try:
         assert B.fast_bernoulli_available()
@@ -184,4 +185,4 @@ def test_a_fresh_cache_folder_gets_a_working_build(monkeypatch, tmp_path):
         torch.manual_seed(8)
         assert torch.equal(B.bernoulli_(torch.empty(5000), 0.99), ref)
     finally:
-        B._library.cache_clear()
+        native.clear()

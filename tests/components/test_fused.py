@@ -1,0 +1,135 @@
+"""components.fused: LayerNorm -> affine -> Mish as one CPU kernel, against float64."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import components.layers as layers
+from components import fused
+from components.layers import EnsembleMLP, NormedLinear, reference_kernels
+from rlcore import native
+
+needs_kernel = pytest.mark.skipif(
+    shutil.which(os.environ.get("CC", "cc")) is None or not native.enabled(),
+    reason="no C compiler here (the plain PyTorch path runs instead)")
+
+
+def _reference(h, w, b):
+    return F.mish(torch.addcmul(b, F.layer_norm(h, h.shape[-1:]), w))
+
+
+def _grads(fn, h, w, b, g):
+    h, w, b = (t.detach().clone().requires_grad_() for t in (h, w, b))
+    y = fn(h, w, b)
+    y.backward(g)
+    return y.detach(), h.grad, w.grad, b.grad
+
+
+def _case(shape, wshape, scale=3.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, generator=gen) * scale + 0.3
+    w = torch.randn(*wshape, generator=gen)
+    b = torch.randn(*wshape, generator=gen)
+    g = torch.randn(*shape, generator=gen)
+    return h, w, b, g
+
+
+@needs_kernel
+def test_kernel_is_built_and_shares_torchs_openmp_runtime():
+    assert fused.fused_available()
+    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) <= 1, runtimes
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape,wshape", [((64, 512), (512,)), ((5, 96, 512), (5, 1, 512)),
+                                          ((2, 3, 37), (37,)), ((1, 1, 8), (8,)),
+                                          ((3, 7, 100), (3, 1, 100))])
+def test_forward_and_gradients_match_float64_as_closely_as_torch_float32(shape, wshape):
+    h, w, b, g = _case(shape, wshape)
+    exact = _grads(_reference, h.double(), w.double(), b.double(), g.double())
+    torch32 = _grads(_reference, h, w, b, g)
+    mine = _grads(fused.layer_norm_mish, h, w, b, g)
+    for name, e, t, m in zip(["y", "h", "w", "b"], exact, torch32, mine):
+        assert m.shape == e.shape and m.dtype == torch.float32
+        tol = 4 * (t.double() - e).abs().max().item() + 1e-6 * (1 + e.abs().max().item())
+        assert (m.double() - e).abs().max().item() <= tol, name
+
+
+@needs_kernel
+def test_saturated_inputs_and_nan_propagate_like_torch():
+    h = torch.tensor([[1e4, -1e4, 0.0, 5.0] * 4, [float("nan")] + [1.0] * 15])
+    w = torch.full((16,), 30.0)
+    b = torch.zeros(16)
+    y = fused.layer_norm_mish(h, w, b)
+    ref = _reference(h.double(), w.double(), b.double()).float()
+    torch.testing.assert_close(y[0], ref[0], rtol=1e-5, atol=1e-5)
+    assert torch.isnan(y[1]).all() and torch.isnan(ref[1]).all()
+
+
+@needs_kernel
+def test_forward_is_identical_for_any_thread_count():
+    h, w, b, _ = _case((5, 64, 128), (5, 1, 128))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused.layer_norm_mish(h, w, b)
+        torch.set_num_threads(2)
+        two = fused.layer_norm_mish(h, w, b)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(one, two)
+
+
+def test_cases_it_does_not_take_return_none():
+    h, w, b, _ = _case((4, 16), (16,))
+    assert fused.layer_norm_mish(h.double(), w.double(), b.double()) is None
+    assert fused.layer_norm_mish(h.t(), w[:4], b[:4]) is None  # not contiguous
+    assert fused.layer_norm_mish(h.reshape(2, 2, 16), w.reshape(1, 1, 16).expand(3, 1, 16),
+                                 b.reshape(1, 1, 16).expand(3, 1, 16)) is None  # 3 vs 2 members
+
+
+@needs_kernel
+def test_layers_give_the_plain_results(monkeypatch):
+    torch.manual_seed(0)
+    ens = EnsembleMLP(5, 40, [32, 32], 7)
+    lin = NormedLinear(40, 32)
+    x = torch.randn(9, 40)
+
+    def run():
+        out = ens(x).sum() + lin(x).sum() + ens(x, members=torch.tensor([1, 3])).sum()
+        return out.detach(), torch.autograd.grad(out, list(ens.parameters()) + list(lin.parameters()))
+
+    calls = []
+    real = fused.layer_norm_mish
+    monkeypatch.setattr(layers, "layer_norm_mish", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with_kernel = run()
+    assert calls  # the fused kernel ran
+    monkeypatch.setattr(layers, "layer_norm_mish", lambda *a, **k: None)
+    plain = run()
+    with reference_kernels():
+        reference = run()
+    for other in (plain, reference):
+        torch.testing.assert_close(with_kernel[0], other[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(with_kernel[1], other[1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_switched_off_the_layers_run_plain_pytorch(monkeypatch):
+    native.clear()
+    monkeypatch.setenv("TDMPC2_NATIVE_KERNELS", "0")
+    try:
+        assert not fused.fused_available()
+        h, w, b, _ = _case((4, 16), (16,))
+        assert fused.layer_norm_mish(h, w, b) is None
+        lin = NormedLinear(16, 8)
+        assert torch.isfinite(lin(h)).all()
+    finally:
+        native.clear()
