@@ -176,8 +176,9 @@ def _forward(h, w, b, eps, rpm, save):
     y = torch.empty_like(h)
     mean = torch.empty(R) if save else None
     rstd = torch.empty(R) if save else None
-    _library().lnm_forward(h.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), _ptr(mean),
-                           _ptr(rstd), R, D, rpm, eps)
+    with torch.profiler.record_function("tdmpc2::layer_norm_mish"):
+        _library().lnm_forward(h.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(),
+                               _ptr(mean), _ptr(rstd), R, D, rpm, eps)
     return y, mean, rstd
 
 
@@ -187,9 +188,12 @@ def _backward(grad, h, w, b, mean, rstd, rpm):
     members = w.numel() // D
     grad = grad.contiguous()
     gx, gw, gb = torch.empty_like(h), torch.empty_like(w), torch.empty_like(b)
-    if _library().lnm_backward(grad.data_ptr(), h.data_ptr(), w.data_ptr(), b.data_ptr(),
-                               mean.data_ptr(), rstd.data_ptr(), gx.data_ptr(), gw.data_ptr(),
-                               gb.data_ptr(), R, D, rpm, members) != 0:
+    with torch.profiler.record_function("tdmpc2::layer_norm_mish_backward"):
+        status = _library().lnm_backward(grad.data_ptr(), h.data_ptr(), w.data_ptr(),
+                                         b.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                                         gx.data_ptr(), gw.data_ptr(), gb.data_ptr(), R, D, rpm,
+                                         members)
+    if status != 0:
         raise MemoryError("layer_norm_mish: could not allocate the backward's buffers")
     return gx, gw, gb
 

@@ -136,7 +136,8 @@ RANDOM_OPS = frozenset({
     "aten::bernoulli_", "aten::bernoulli", "aten::normal_", "aten::uniform_",
     "aten::randperm", "aten::random_", "aten::multinomial", "aten::exponential_",
     "tdmpc2::bernoulli_"})  # rlcore.bernoulli's draw, as compiled graphs call it
-COMPILED_PREFIXES = ("## Call CompiledFxGraph", "graph_", "cpp_fused", "triton_")
+COMPILED_PREFIXES = ("## Call CompiledFxGraph", "graph_", "cpp_fused", "triton_",
+                     "tdmpc2::layer_norm_mish")  # components.fused's C kernel
 OPTIMIZER_PREFIXES = ("aten::_fused_adam", "aten::_foreach_", "aten::lerp", "Optimizer.")
 BREAKDOWN_KEYS = ("matrix_products", "random_draws", "compiled_kernels", "optimizer_ema",
                   "other_ops", "unattributed")
@@ -160,7 +161,8 @@ def time_breakdown(fn: Callable[[], Any], *, flops: int, matmul_gflops: float,
     """Where one call of `fn` spends its CPU time, from a profile of `repeats` calls.
 
     Each operator's self time goes to one category (`categorize`): matrix products,
-    random draws, compiled (inductor) kernels and their wrappers, optimizer steps and EMA,
+    random draws, compiled kernels (inductor's and their wrappers,
+    `components.fused`'s C kernel), optimizer steps and EMA,
     and other operators; `unattributed` is wall time outside any operator (Python,
     dispatch). Profiling slows the calls down, so the figures are ms per profiled call and
     shares of it. The matrix products' own rate is `flops` over their time, and its ratio

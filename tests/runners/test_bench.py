@@ -64,6 +64,7 @@ def test_categorize_puts_operators_in_their_category():
     assert bench.categorize("aten::bernoulli_") == "random_draws"
     assert bench.categorize("tdmpc2::bernoulli_") == "random_draws"  # rlcore.bernoulli
     assert bench.categorize("## Call CompiledFxGraph fabc ##") == "compiled_kernels"
+    assert bench.categorize("tdmpc2::layer_norm_mish_backward") == "compiled_kernels"
     assert bench.categorize("aten::_fused_adam_") == "optimizer_ema"
     assert bench.categorize("aten::lerp_") == "optimizer_ema"
     assert bench.categorize("aten::native_layer_norm") == "other_ops"
