@@ -32,7 +32,7 @@ import torch
 
 from rlcore import native
 
-__all__ = ["layer_norm_mish", "fused_available"]
+__all__ = ["layer_norm_mish", "layer_norm_simnorm", "fused_available"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -137,22 +137,120 @@ int lnm_backward(const float *restrict g, const float *restrict x, const float *
     free(part);
     return 0;
 }
+/* LayerNorm -> affine -> SimNorm (softmax over each group of 8 consecutive units). The
+   loop over groups vectorizes across groups. */
+static inline void simnorm_groups(float *restrict z, int64_t D) {
+    for (int64_t g = 0; g < D / 8; g++) {
+        float *zg = z + g * 8;
+        float m = zg[0], e[8], s = 0.f;
+        for (int j = 1; j < 8; j++) m = zg[j] > m ? zg[j] : m;
+        for (int j = 0; j < 8; j++) {
+            float d = zg[j] - m;
+            e[j] = exp_clamped(d < -87.0f ? -87.0f : d);
+            s += e[j];
+        }
+        float inv = 1.0f / s;
+        for (int j = 0; j < 8; j++) zg[j] = e[j] * inv;
+    }
+}
+
+void lns_forward(const float *restrict x, const float *restrict w, const float *restrict b,
+                 float *restrict y, float *restrict mean, float *restrict rstd,
+                 int64_t R, int64_t D, int64_t rpm, float eps) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        const float *xr = x + r * D, *wm = w + (r / rpm) * D, *bm = b + (r / rpm) * D;
+        float *yr = y + r * D;
+        float s = 0.f, v = 0.f;
+        #pragma omp simd reduction(+:s)
+        for (int64_t i = 0; i < D; i++) s += xr[i];
+        float mu = s / (float)D;
+        #pragma omp simd reduction(+:v)
+        for (int64_t i = 0; i < D; i++) { float c = xr[i] - mu; v += c * c; }
+        float rs = 1.0f / sqrtf(v / (float)D + eps);
+        #pragma omp simd
+        for (int64_t i = 0; i < D; i++) yr[i] = (xr[i] - mu) * rs * wm[i] + bm[i];
+        simnorm_groups(yr, D);
+        if (mean) { mean[r] = mu; rstd[r] = rs; }
+    }
+}
+
+int lns_backward(const float *restrict g, const float *restrict x, const float *restrict w,
+                 const float *restrict b, const float *restrict mean,
+                 const float *restrict rstd, float *restrict gx, float *restrict gw,
+                 float *restrict gb, int64_t R, int64_t D, int64_t rpm, int64_t M) {
+    int nt = omp_get_max_threads();
+    int64_t MD = M * D;
+    float *part = (float *)calloc((size_t)nt * 2 * MD + (size_t)nt * 3 * D, sizeof(float));
+    if (!part) return 1;
+    #pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num();
+        float *pw = part + (size_t)t * 2 * MD, *pb = pw + MD;
+        float *yz = part + (size_t)nt * 2 * MD + (size_t)t * 3 * D, *xh = yz + D, *gz = xh + D;
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            int64_t m = r / rpm;
+            const float *xr = x + r * D, *gr = g + r * D, *wm = w + m * D, *bm = b + m * D;
+            float *pwm = pw + m * D, *pbm = pb + m * D, *gxr = gx + r * D;
+            float mu = mean[r], rs = rstd[r], s1 = 0.f, s2 = 0.f;
+            #pragma omp simd
+            for (int64_t i = 0; i < D; i++) {
+                xh[i] = (xr[i] - mu) * rs;
+                yz[i] = xh[i] * wm[i] + bm[i];
+            }
+            simnorm_groups(yz, D);  /* the forward's output, recomputed */
+            for (int64_t q = 0; q < D / 8; q++) {  /* softmax backward per group */
+                const float *yq = yz + q * 8, *gq = gr + q * 8;
+                float dot = 0.f;
+                for (int j = 0; j < 8; j++) dot += gq[j] * yq[j];
+                for (int j = 0; j < 8; j++) gz[q * 8 + j] = yq[j] * (gq[j] - dot);
+            }
+            #pragma omp simd reduction(+:s1, s2)
+            for (int64_t i = 0; i < D; i++) {
+                pwm[i] += gz[i] * xh[i];
+                pbm[i] += gz[i];
+                float gxh = gz[i] * wm[i];
+                s1 += gxh;
+                s2 += gxh * xh[i];
+                gz[i] = gxh;
+            }
+            s1 /= (float)D;
+            s2 /= (float)D;
+            #pragma omp simd
+            for (int64_t i = 0; i < D; i++) gxr[i] = rs * (gz[i] - s1 - xh[i] * s2);
+        }
+        #pragma omp for schedule(static)
+        for (int64_t j = 0; j < 2 * MD; j++) {
+            float acc = 0.f;
+            for (int u = 0; u < nt; u++) acc += part[(size_t)u * 2 * MD + j];
+            if (j < MD) gw[j] = acc; else gb[j - MD] = acc;
+        }
+    }
+    free(part);
+    return 0;
+}
 """
 
 
 def _library():
-    lib = native.load("layer_norm_mish", _SOURCE, openmp=True)
+    lib = native.load("layer_norm_act", _SOURCE, openmp=True)
     if lib is not None and lib.lnm_forward.argtypes is None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.lnm_forward.argtypes = [p] * 6 + [i64] * 3 + [ctypes.c_float]
-        lib.lnm_forward.restype = None
-        lib.lnm_backward.argtypes = [p] * 9 + [i64] * 4
-        lib.lnm_backward.restype = ctypes.c_int
+        for fwd, bwd in _KERNELS.values():
+            getattr(lib, fwd).argtypes = [p] * 6 + [i64] * 3 + [ctypes.c_float]
+            getattr(lib, fwd).restype = None
+            getattr(lib, bwd).argtypes = [p] * 9 + [i64] * 4
+            getattr(lib, bwd).restype = ctypes.c_int
     return lib
 
 
+# activation -> (forward, backward) C functions
+_KERNELS = {"mish": ("lnm_forward", "lnm_backward"), "simnorm": ("lns_forward", "lns_backward")}
+
+
 def fused_available() -> bool:
-    """Whether the fused kernel is built and loaded in this process."""
+    """Whether the fused kernels are built and loaded in this process."""
     return _library() is not None
 
 
@@ -170,61 +268,70 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def _forward(h, w, b, eps, rpm, save):
+def _forward(act, h, w, b, eps, rpm, save):
     """y, and (mean, rstd) per row when `save` (for the backward)."""
     R, D = h.numel() // h.shape[-1], h.shape[-1]
     y = torch.empty_like(h)
     mean = torch.empty(R) if save else None
     rstd = torch.empty(R) if save else None
-    with torch.profiler.record_function("tdmpc2::layer_norm_mish"):
-        _library().lnm_forward(h.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(),
-                               _ptr(mean), _ptr(rstd), R, D, rpm, eps)
+    fn = getattr(_library(), _KERNELS[act][0])
+    with torch.profiler.record_function(f"tdmpc2::layer_norm_{act}"):
+        fn(h.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), _ptr(mean), _ptr(rstd),
+           R, D, rpm, eps)
     return y, mean, rstd
 
 
-def _backward(grad, h, w, b, mean, rstd, rpm):
+def _backward(act, grad, h, w, b, mean, rstd, rpm):
     """Gradients for h, and for w, b (contiguous, of w's shape), from the saved rows."""
     R, D = h.numel() // h.shape[-1], h.shape[-1]
     members = w.numel() // D
     grad = grad.contiguous()
     gx, gw, gb = torch.empty_like(h), torch.empty_like(w), torch.empty_like(b)
-    with torch.profiler.record_function("tdmpc2::layer_norm_mish_backward"):
-        status = _library().lnm_backward(grad.data_ptr(), h.data_ptr(), w.data_ptr(),
-                                         b.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                                         gx.data_ptr(), gw.data_ptr(), gb.data_ptr(), R, D, rpm,
-                                         members)
+    fn = getattr(_library(), _KERNELS[act][1])
+    with torch.profiler.record_function(f"tdmpc2::layer_norm_{act}_backward"):
+        status = fn(grad.data_ptr(), h.data_ptr(), w.data_ptr(), b.data_ptr(), mean.data_ptr(),
+                    rstd.data_ptr(), gx.data_ptr(), gw.data_ptr(), gb.data_ptr(), R, D, rpm,
+                    members)
     if status != 0:
-        raise MemoryError("layer_norm_mish: could not allocate the backward's buffers")
+        raise MemoryError(f"layer_norm_{act}: could not allocate the backward's buffers")
     return gx, gw, gb
 
 
-class _LayerNormMish(torch.autograd.Function):
+class _LayerNormAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, eps, members, rpm):
+    def forward(ctx, h, w, b, eps, members, rpm, act):
         wc, bc = w.detach().contiguous(), b.detach().contiguous()
-        y, mean, rstd = _forward(h, wc, bc, eps, rpm, True)
+        y, mean, rstd = _forward(act, h, wc, bc, eps, rpm, True)
         ctx.save_for_backward(h, wc, bc, mean, rstd)
-        ctx.shape = (h.numel() // h.shape[-1], h.shape[-1], rpm, members)
-        ctx.w_shape = w.shape
+        ctx.rpm, ctx.act, ctx.w_shape = rpm, act, w.shape
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         h, w, b, mean, rstd = ctx.saved_tensors
-        gx, gw, gb = _backward(grad, h, w, b, mean, rstd, ctx.shape[2])
+        gx, gw, gb = _backward(ctx.act, grad, h, w, b, mean, rstd, ctx.rpm)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         return (gx if need_x else None, gw.view(ctx.w_shape) if need_w else None,
-                gb.view(ctx.w_shape) if need_b else None, None, None, None)
+                gb.view(ctx.w_shape) if need_b else None, None, None, None, None)
 
 
 def fused_applies(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `layer_norm_mish(h, w, b)` would take the fused kernel."""
+    """Whether `layer_norm_mish(h, w, b)` / `layer_norm_simnorm` would take a fused kernel."""
     return (h.device.type == "cpu" and h.dtype == torch.float32 and w.dtype == torch.float32
             and b.dtype == torch.float32 and h.is_contiguous() and h.numel() > 0
             and w.shape == b.shape and _affine_rows(h, w) is not None
             and w.shape[-1] == h.shape[-1] and not torch.compiler.is_compiling()
             and fused_available())
+
+
+def _layer_norm_act(act, h, w, b, eps):
+    if not fused_applies(h, w, b):
+        return None
+    members, rpm = _affine_rows(h, w)
+    if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad or b.requires_grad):
+        return _LayerNormAct.apply(h, w, b, float(eps), members, rpm, act)
+    return _forward(act, h, w.contiguous(), b.contiguous(), float(eps), rpm, False)[0]
 
 
 def layer_norm_mish(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
@@ -234,9 +341,14 @@ def layer_norm_mish(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
 
     Shapes: h [..., D] with w, b [D]; or h [M, N, D] with w, b [M, 1, D] (ensembles).
     """
-    if not fused_applies(h, w, b):
+    return _layer_norm_act("mish", h, w, b, eps)
+
+
+def layer_norm_simnorm(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float = 1e-5,
+                       dim: int = 8) -> torch.Tensor | None:
+    """SimNorm(layer_norm(h) * w + b) (softmax over groups of `dim` units) by the fused
+    kernel, or None where it does not apply (groups of 8 only). Shapes as `layer_norm_mish`.
+    """
+    if dim != 8 or h.shape[-1] % 8:
         return None
-    members, rpm = _affine_rows(h, w)
-    if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad or b.requires_grad):
-        return _LayerNormMish.apply(h, w, b, float(eps), members, rpm)
-    return _forward(h, w.contiguous(), b.contiguous(), float(eps), rpm, False)[0]
+    return _layer_norm_act("simnorm", h, w, b, eps)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from components.fused import layer_norm_mish
+from components.fused import layer_norm_mish, layer_norm_simnorm
 from rlcore.bernoulli import dropout as _dropout
 
 
@@ -141,13 +141,18 @@ class NormedLinear(nn.Sequential):
 
     def post_linear(self, h: torch.Tensor) -> torch.Tensor:
         """Everything after the Linear: (Dropout ->) LayerNorm -> activation. LayerNorm
-        followed by Mish runs as one fused kernel where it applies (`components.fused`)."""
+        followed by Mish or SimNorm runs as one fused kernel where it applies
+        (`components.fused`)."""
         *pre, ln, act = list(self)[1:]
         for layer in pre:
             h = layer(h)
-        if (isinstance(act, Mish) and not _REFERENCE and ln.weight is not None
-                and ln.bias is not None and len(ln.normalized_shape) == 1):
-            y = layer_norm_mish(h, ln.weight, ln.bias, ln.eps)
+        if (not _REFERENCE and ln.weight is not None and ln.bias is not None
+                and len(ln.normalized_shape) == 1):
+            y = None
+            if isinstance(act, Mish):
+                y = layer_norm_mish(h, ln.weight, ln.bias, ln.eps)
+            elif isinstance(act, SimNorm):
+                y = layer_norm_simnorm(h, ln.weight, ln.bias, ln.eps, act.dim)
             if y is not None:
                 return y
         return act(ln(h))

@@ -137,7 +137,7 @@ RANDOM_OPS = frozenset({
     "aten::randperm", "aten::random_", "aten::multinomial", "aten::exponential_",
     "tdmpc2::bernoulli_"})  # rlcore.bernoulli's draw, as compiled graphs call it
 COMPILED_PREFIXES = ("## Call CompiledFxGraph", "graph_", "cpp_fused", "triton_",
-                     "tdmpc2::layer_norm_mish")  # components.fused's C kernel
+                     "tdmpc2::layer_norm_")  # components.fused's C kernels
 OPTIMIZER_PREFIXES = ("aten::_fused_adam", "aten::_foreach_", "aten::lerp", "Optimizer.")
 BREAKDOWN_KEYS = ("matrix_products", "random_draws", "compiled_kernels", "optimizer_ema",
                   "other_ops", "unattributed")

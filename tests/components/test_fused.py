@@ -24,6 +24,15 @@ def _reference(h, w, b):
     return F.mish(torch.addcmul(b, F.layer_norm(h, h.shape[-1:]), w))
 
 
+def _reference_simnorm(h, w, b):
+    z = torch.addcmul(b, F.layer_norm(h, h.shape[-1:]), w)
+    return F.softmax(z.unflatten(-1, (-1, 8)), -1).flatten(-2)
+
+
+KINDS = {"mish": (fused.layer_norm_mish, _reference),
+         "simnorm": (fused.layer_norm_simnorm, _reference_simnorm)}
+
+
 def _grads(fn, h, w, b, g):
     h, w, b = (t.detach().clone().requires_grad_() for t in (h, w, b))
     y = fn(h, w, b)
@@ -49,14 +58,16 @@ def test_kernel_is_built_and_shares_torchs_openmp_runtime():
 
 
 @needs_kernel
+@pytest.mark.parametrize("kind", ["mish", "simnorm"])
 @pytest.mark.parametrize("shape,wshape", [((64, 512), (512,)), ((5, 96, 512), (5, 1, 512)),
-                                          ((2, 3, 37), (37,)), ((1, 1, 8), (8,)),
-                                          ((3, 7, 100), (3, 1, 100))])
-def test_forward_and_gradients_match_float64_as_closely_as_torch_float32(shape, wshape):
+                                          ((2, 3, 40), (40,)), ((1, 1, 8), (8,)),
+                                          ((3, 7, 104), (3, 1, 104))])
+def test_forward_and_gradients_match_float64_as_closely_as_torch_float32(kind, shape, wshape):
+    fn, reference = KINDS[kind]
     h, w, b, g = _case(shape, wshape)
-    exact = _grads(_reference, h.double(), w.double(), b.double(), g.double())
-    torch32 = _grads(_reference, h, w, b, g)
-    mine = _grads(fused.layer_norm_mish, h, w, b, g)
+    exact = _grads(reference, h.double(), w.double(), b.double(), g.double())
+    torch32 = _grads(reference, h, w, b, g)
+    mine = _grads(fn, h, w, b, g)
     for name, e, t, m in zip(["y", "h", "w", "b"], exact, torch32, mine):
         assert m.shape == e.shape and m.dtype == torch.float32
         tol = 4 * (t.double() - e).abs().max().item() + 1e-6 * (1 + e.abs().max().item())
@@ -64,12 +75,14 @@ def test_forward_and_gradients_match_float64_as_closely_as_torch_float32(shape, 
 
 
 @needs_kernel
-def test_saturated_inputs_and_nan_propagate_like_torch():
+@pytest.mark.parametrize("kind", ["mish", "simnorm"])
+def test_saturated_inputs_and_nan_propagate_like_torch(kind):
+    fn, reference = KINDS[kind]
     h = torch.tensor([[1e4, -1e4, 0.0, 5.0] * 4, [float("nan")] + [1.0] * 15])
     w = torch.full((16,), 30.0)
     b = torch.zeros(16)
-    y = fused.layer_norm_mish(h, w, b)
-    ref = _reference(h.double(), w.double(), b.double()).float()
+    y = fn(h, w, b)
+    ref = reference(h.double(), w.double(), b.double()).float()
     torch.testing.assert_close(y[0], ref[0], rtol=1e-5, atol=1e-5)
     assert torch.isnan(y[1]).all() and torch.isnan(ref[1]).all()
 
@@ -88,6 +101,19 @@ def test_forward_is_identical_for_any_thread_count():
     assert torch.equal(one, two)
 
 
+@needs_kernel
+def test_mish_takes_any_width_simnorm_groups_of_8_only():
+    h, w, b, g = _case((2, 3, 37), (37,))
+    exact = _grads(_reference, h.double(), w.double(), b.double(), g.double())
+    mine = _grads(fused.layer_norm_mish, h, w, b, g)
+    for e, m in zip(exact, mine):
+        torch.testing.assert_close(m.double(), e, rtol=1e-4, atol=1e-4)
+    assert fused.layer_norm_simnorm(h, w, b) is None  # 37 units: not groups of 8
+    h, w, b, _ = _case((4, 32), (32,))
+    assert fused.layer_norm_simnorm(h, w, b, dim=4) is None
+    assert fused.layer_norm_simnorm(h, w, b, dim=8) is not None
+
+
 def test_cases_it_does_not_take_return_none():
     h, w, b, _ = _case((4, 16), (16,))
     assert fused.layer_norm_mish(h.double(), w.double(), b.double()) is None
@@ -101,18 +127,26 @@ def test_layers_give_the_plain_results(monkeypatch):
     torch.manual_seed(0)
     ens = EnsembleMLP(5, 40, [32, 32], 7)
     lin = NormedLinear(40, 32)
+    sim = NormedLinear(40, 32, act=layers.SimNorm(8))
     x = torch.randn(9, 40)
+    wsum = torch.randn(32)
 
     def run():
-        out = ens(x).sum() + lin(x).sum() + ens(x, members=torch.tensor([1, 3])).sum()
-        return out.detach(), torch.autograd.grad(out, list(ens.parameters()) + list(lin.parameters()))
+        out = (ens(x).sum() + lin(x).sum() + ens(x, members=torch.tensor([1, 3])).sum()
+               + (sim(x) * wsum).sum())
+        params = list(ens.parameters()) + list(lin.parameters()) + list(sim.parameters())
+        return out.detach(), torch.autograd.grad(out, params)
 
     calls = []
     real = fused.layer_norm_mish
+    real_sim = fused.layer_norm_simnorm
     monkeypatch.setattr(layers, "layer_norm_mish", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(layers, "layer_norm_simnorm",
+                        lambda *a, **k: calls.append(2) or real_sim(*a, **k))
     with_kernel = run()
-    assert calls  # the fused kernel ran
+    assert 1 in calls and 2 in calls  # both fused kernels ran
     monkeypatch.setattr(layers, "layer_norm_mish", lambda *a, **k: None)
+    monkeypatch.setattr(layers, "layer_norm_simnorm", lambda *a, **k: None)
     plain = run()
     with reference_kernels():
         reference = run()
