@@ -14,6 +14,10 @@ The kernel is compiled on first use by `rlcore.native` (system C compiler, cache
 Without a compiler, or with `TDMPC2_NATIVE_KERNELS=0`, every call is PyTorch's own draw:
 the same values, slower.
 
+PyTorch's draw holds the generator's lock; this one reads the default generator's state,
+runs the kernel and writes the state back, so it must not race with draws from another
+Python thread (nothing in this framework draws from two threads at once).
+
 `dropout(x, p)` is `F.dropout` (training) with the mask drawn here; on CPU in eager mode
 its output and gradients equal `F.dropout`'s bit for bit. Under torch.compile the draw is
 the custom op `tdmpc2::bernoulli_` (opaque to the compiler, never merged or recomputed),
