@@ -63,84 +63,8 @@ static inline float clamp_exp_arg(float z) {
     return z > 20.0f ? 20.0f : (z < -87.0f ? -87.0f : z);
 }
 
-/* R rows of D; row r uses affine row r / rpm of w, b ([M, D]). mean/rstd may be NULL. */
-void lnm_forward(const float *restrict x, const float *restrict w, const float *restrict b,
-                 float *restrict y, float *restrict mean, float *restrict rstd,
-                 int64_t R, int64_t D, int64_t rpm, float eps) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < R; r++) {
-        const float *xr = x + r * D, *wm = w + (r / rpm) * D, *bm = b + (r / rpm) * D;
-        float *yr = y + r * D;
-        float s = 0.f, v = 0.f;
-        #pragma omp simd reduction(+:s)
-        for (int64_t i = 0; i < D; i++) s += xr[i];
-        float mu = s / (float)D;
-        #pragma omp simd reduction(+:v)
-        for (int64_t i = 0; i < D; i++) { float c = xr[i] - mu; v += c * c; }
-        float rs = 1.0f / sqrtf(v / (float)D + eps);
-        #pragma omp simd
-        for (int64_t i = 0; i < D; i++) {
-            float z = (xr[i] - mu) * rs * wm[i] + bm[i];
-            float e = exp_clamped(clamp_exp_arg(z));
-            yr[i] = z - 2.0f * z / (e * (e + 2.0f) + 2.0f);
-        }
-        if (mean) { mean[r] = mu; rstd[r] = rs; }
-    }
-}
-
-/* Gradients of the above: gx [R, D]; gw, gb [M, D] (sums over each member's rows). */
-int lnm_backward(const float *restrict g, const float *restrict x, const float *restrict w,
-                 const float *restrict b, const float *restrict mean,
-                 const float *restrict rstd, float *restrict gx, float *restrict gw,
-                 float *restrict gb, int64_t R, int64_t D, int64_t rpm, int64_t M) {
-    int nt = omp_get_max_threads();
-    int64_t MD = M * D;
-    float *part = (float *)calloc((size_t)nt * 2 * MD + (size_t)nt * 2 * D, sizeof(float));
-    if (!part) return 1;
-    #pragma omp parallel num_threads(nt)
-    {
-        int t = omp_get_thread_num();
-        float *pw = part + (size_t)t * 2 * MD, *pb = pw + MD;
-        float *gz = part + (size_t)nt * 2 * MD + (size_t)t * 2 * D, *xh = gz + D;
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < R; r++) {
-            int64_t m = r / rpm;
-            const float *xr = x + r * D, *gr = g + r * D, *wm = w + m * D, *bm = b + m * D;
-            float *pwm = pw + m * D, *pbm = pb + m * D, *gxr = gx + r * D;
-            float mu = mean[r], rs = rstd[r], s1 = 0.f, s2 = 0.f;
-            #pragma omp simd reduction(+:s1, s2)
-            for (int64_t i = 0; i < D; i++) {
-                float xhat = (xr[i] - mu) * rs;
-                float z = xhat * wm[i] + bm[i];
-                float e = exp_clamped(clamp_exp_arg(z));
-                float rd = 1.0f / (e * (e + 2.0f) + 2.0f);
-                /* mish'(z) = 1 - 2/d + 4 z e (e + 1) / d^2 */
-                float gzi = gr[i] * (1.0f - 2.0f * rd + 4.0f * z * e * (e + 1.0f) * rd * rd);
-                pwm[i] += gzi * xhat;
-                pbm[i] += gzi;
-                float gxh = gzi * wm[i];
-                s1 += gxh;
-                s2 += gxh * xhat;
-                gz[i] = gxh;
-                xh[i] = xhat;
-            }
-            s1 /= (float)D;
-            s2 /= (float)D;
-            #pragma omp simd
-            for (int64_t i = 0; i < D; i++) gxr[i] = rs * (gz[i] - s1 - xh[i] * s2);
-        }
-        #pragma omp for schedule(static)
-        for (int64_t j = 0; j < 2 * MD; j++) {
-            float acc = 0.f;
-            for (int u = 0; u < nt; u++) acc += part[(size_t)u * 2 * MD + j];
-            if (j < MD) gw[j] = acc; else gb[j - MD] = acc;
-        }
-    }
-    free(part);
-    return 0;
-}
-/* LayerNorm -> affine -> SimNorm (softmax over each group of 8 consecutive units). The
-   loop over groups vectorizes across groups. */
+/* LayerNorm -> affine -> SimNorm's softmax over each group of 8 consecutive units, in
+   place. The loop over groups vectorizes across groups. */
 static inline void simnorm_groups(float *restrict z, int64_t D) {
     for (int64_t g = 0; g < D / 8; g++) {
         float *zg = z + g * 8;
@@ -156,9 +80,36 @@ static inline void simnorm_groups(float *restrict z, int64_t D) {
     }
 }
 
-void lns_forward(const float *restrict x, const float *restrict w, const float *restrict b,
-                 float *restrict y, float *restrict mean, float *restrict rstd,
-                 int64_t R, int64_t D, int64_t rpm, float eps) {
+/* Mish in place: z - 2z / (e (e + 2) + 2), e = exp(z). */
+static inline void mish_row(float *restrict z, int64_t D) {
+    #pragma omp simd
+    for (int64_t i = 0; i < D; i++) {
+        float e = exp_clamped(clamp_exp_arg(z[i]));
+        z[i] = z[i] - 2.0f * z[i] / (e * (e + 2.0f) + 2.0f);
+    }
+}
+
+/* act 0: Mish, 1: SimNorm (groups of 8). */
+static inline void activate_row(int act, float *restrict z, int64_t D) {
+    if (act == 0) mish_row(z, D); else simnorm_groups(z, D);
+}
+
+/* SimNorm's backward for one row: dL/dz from dL/dy, with z overwritten by y = act(z). */
+static inline void simnorm_grad_row(float *restrict z, const float *restrict g,
+                                    float *restrict gz, int64_t D) {
+    simnorm_groups(z, D);  /* the forward's output, recomputed */
+    for (int64_t q = 0; q < D / 8; q++) {  /* softmax backward per group */
+        const float *yq = z + q * 8, *gq = g + q * 8;
+        float dot = 0.f;
+        for (int j = 0; j < 8; j++) dot += gq[j] * yq[j];
+        for (int j = 0; j < 8; j++) gz[q * 8 + j] = yq[j] * (gq[j] - dot);
+    }
+}
+
+/* R rows of D; row r uses affine row r / rpm of w, b ([M, D]). mean/rstd may be NULL. */
+void lna_forward(int act, const float *restrict x, const float *restrict w,
+                 const float *restrict b, float *restrict y, float *restrict mean,
+                 float *restrict rstd, int64_t R, int64_t D, int64_t rpm, float eps) {
     #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < R; r++) {
         const float *xr = x + r * D, *wm = w + (r / rpm) * D, *bm = b + (r / rpm) * D;
@@ -172,13 +123,15 @@ void lns_forward(const float *restrict x, const float *restrict w, const float *
         float rs = 1.0f / sqrtf(v / (float)D + eps);
         #pragma omp simd
         for (int64_t i = 0; i < D; i++) yr[i] = (xr[i] - mu) * rs * wm[i] + bm[i];
-        simnorm_groups(yr, D);
+        activate_row(act, yr, D);
         if (mean) { mean[r] = mu; rstd[r] = rs; }
     }
 }
 
-int lns_backward(const float *restrict g, const float *restrict x, const float *restrict w,
-                 const float *restrict b, const float *restrict mean,
+/* Gradients of the above: gx [R, D]; gw, gb [M, D] (sums over each member's rows, kept
+   per thread and added at the end). */
+int lna_backward(int act, const float *restrict g, const float *restrict x,
+                 const float *restrict w, const float *restrict b, const float *restrict mean,
                  const float *restrict rstd, float *restrict gx, float *restrict gw,
                  float *restrict gb, int64_t R, int64_t D, int64_t rpm, int64_t M) {
     int nt = omp_get_max_threads();
@@ -189,33 +142,47 @@ int lns_backward(const float *restrict g, const float *restrict x, const float *
     {
         int t = omp_get_thread_num();
         float *pw = part + (size_t)t * 2 * MD, *pb = pw + MD;
-        float *yz = part + (size_t)nt * 2 * MD + (size_t)t * 3 * D, *xh = yz + D, *gz = xh + D;
+        float *z = part + (size_t)nt * 2 * MD + (size_t)t * 3 * D, *xh = z + D, *gz = xh + D;
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++) {
             int64_t m = r / rpm;
-            const float *xr = x + r * D, *gr = g + r * D, *wm = w + m * D, *bm = b + m * D;
+            const float *xr = x + r * D, *wm = w + m * D, *bm = b + m * D;
             float *pwm = pw + m * D, *pbm = pb + m * D, *gxr = gx + r * D;
+            const float *gr = g + r * D;
             float mu = mean[r], rs = rstd[r], s1 = 0.f, s2 = 0.f;
-            #pragma omp simd
-            for (int64_t i = 0; i < D; i++) {
-                xh[i] = (xr[i] - mu) * rs;
-                yz[i] = xh[i] * wm[i] + bm[i];
-            }
-            simnorm_groups(yz, D);  /* the forward's output, recomputed */
-            for (int64_t q = 0; q < D / 8; q++) {  /* softmax backward per group */
-                const float *yq = yz + q * 8, *gq = gr + q * 8;
-                float dot = 0.f;
-                for (int j = 0; j < 8; j++) dot += gq[j] * yq[j];
-                for (int j = 0; j < 8; j++) gz[q * 8 + j] = yq[j] * (gq[j] - dot);
-            }
-            #pragma omp simd reduction(+:s1, s2)
-            for (int64_t i = 0; i < D; i++) {
-                pwm[i] += gz[i] * xh[i];
-                pbm[i] += gz[i];
-                float gxh = gz[i] * wm[i];
-                s1 += gxh;
-                s2 += gxh * xh[i];
-                gz[i] = gxh;
+            if (act == 0) {  /* Mish: its derivative fused into the same pass */
+                #pragma omp simd reduction(+:s1, s2)
+                for (int64_t i = 0; i < D; i++) {
+                    float xhat = (xr[i] - mu) * rs;
+                    float zi = xhat * wm[i] + bm[i];
+                    float e = exp_clamped(clamp_exp_arg(zi));
+                    float rd = 1.0f / (e * (e + 2.0f) + 2.0f);
+                    /* mish'(z) = 1 - 2/d + 4 z e (e + 1) / d^2 */
+                    float gzi = gr[i] * (1.0f - 2.0f * rd + 4.0f * zi * e * (e + 1.0f) * rd * rd);
+                    pwm[i] += gzi * xhat;
+                    pbm[i] += gzi;
+                    float gxh = gzi * wm[i];
+                    s1 += gxh;
+                    s2 += gxh * xhat;
+                    gz[i] = gxh;
+                    xh[i] = xhat;
+                }
+            } else {
+                #pragma omp simd
+                for (int64_t i = 0; i < D; i++) {
+                    xh[i] = (xr[i] - mu) * rs;
+                    z[i] = xh[i] * wm[i] + bm[i];
+                }
+                simnorm_grad_row(z, gr, gz, D);
+                #pragma omp simd reduction(+:s1, s2)
+                for (int64_t i = 0; i < D; i++) {
+                    pwm[i] += gz[i] * xh[i];
+                    pbm[i] += gz[i];
+                    float gxh = gz[i] * wm[i];
+                    s1 += gxh;
+                    s2 += gxh * xh[i];
+                    gz[i] = gxh;
+                }
             }
             s1 /= (float)D;
             s2 /= (float)D;
@@ -237,18 +204,16 @@ int lns_backward(const float *restrict g, const float *restrict x, const float *
 
 def _library():
     lib = native.load("layer_norm_act", _SOURCE, openmp=True)
-    if lib is not None and lib.lnm_forward.argtypes is None:
+    if lib is not None and lib.lna_forward.argtypes is None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        for fwd, bwd in _KERNELS.values():
-            getattr(lib, fwd).argtypes = [p] * 6 + [i64] * 3 + [ctypes.c_float]
-            getattr(lib, fwd).restype = None
-            getattr(lib, bwd).argtypes = [p] * 9 + [i64] * 4
-            getattr(lib, bwd).restype = ctypes.c_int
+        lib.lna_forward.argtypes = [ctypes.c_int] + [p] * 6 + [i64] * 3 + [ctypes.c_float]
+        lib.lna_forward.restype = None
+        lib.lna_backward.argtypes = [ctypes.c_int] + [p] * 9 + [i64] * 4
+        lib.lna_backward.restype = ctypes.c_int
     return lib
 
 
-# activation -> (forward, backward) C functions
-_KERNELS = {"mish": ("lnm_forward", "lnm_backward"), "simnorm": ("lns_forward", "lns_backward")}
+_ACTS = {"mish": 0, "simnorm": 1}  # the kernels' activation codes
 
 
 def fused_available() -> bool:
@@ -276,10 +241,9 @@ def _forward(act, h, w, b, eps, rpm, save):
     y = torch.empty_like(h)
     mean = torch.empty(R) if save else None
     rstd = torch.empty(R) if save else None
-    fn = getattr(_library(), _KERNELS[act][0])
     with torch.profiler.record_function(f"tdmpc2::layer_norm_{act}"):
-        fn(h.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), _ptr(mean), _ptr(rstd),
-           R, D, rpm, eps)
+        _library().lna_forward(_ACTS[act], h.data_ptr(), w.data_ptr(), b.data_ptr(),
+                               y.data_ptr(), _ptr(mean), _ptr(rstd), R, D, rpm, eps)
     return y, mean, rstd
 
 
@@ -289,11 +253,11 @@ def _backward(act, grad, h, w, b, mean, rstd, rpm):
     members = w.numel() // D
     grad = grad.contiguous()
     gx, gw, gb = torch.empty_like(h), torch.empty_like(w), torch.empty_like(b)
-    fn = getattr(_library(), _KERNELS[act][1])
     with torch.profiler.record_function(f"tdmpc2::layer_norm_{act}_backward"):
-        status = fn(grad.data_ptr(), h.data_ptr(), w.data_ptr(), b.data_ptr(), mean.data_ptr(),
-                    rstd.data_ptr(), gx.data_ptr(), gw.data_ptr(), gb.data_ptr(), R, D, rpm,
-                    members)
+        status = _library().lna_backward(_ACTS[act], grad.data_ptr(), h.data_ptr(), w.data_ptr(),
+                                         b.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                                         gx.data_ptr(), gw.data_ptr(), gb.data_ptr(), R, D, rpm,
+                                         members)
     if status != 0:
         raise MemoryError(f"layer_norm_{act}: could not allocate the backward's buffers")
     return gx, gw, gb

@@ -141,15 +141,19 @@ def test_compiled_draws_keep_their_order_and_are_never_merged():
     assert torch.equal(after_c, after_r)
 
 
+def _assert_same_as_torch(n: int, p: float, seed: int) -> None:
+    torch.manual_seed(seed)
+    ref = torch.empty(n).bernoulli_(p)
+    torch.manual_seed(seed)
+    assert torch.equal(B.bernoulli_(torch.empty(n), p), ref)
+
+
 def test_without_the_kernel_every_call_is_torchs_draw(monkeypatch, tmp_path):
     native.clear()
     monkeypatch.setenv("TDMPC2_NATIVE_KERNELS", "0")
     try:
         assert not B.fast_bernoulli_available()
-        torch.manual_seed(2)
-        ref = torch.empty(1000).bernoulli_(0.6)
-        torch.manual_seed(2)
-        assert torch.equal(B.bernoulli_(torch.empty(1000), 0.6), ref)
+        _assert_same_as_torch(1000, 0.6, seed=2)
     finally:
         native.clear()
 
@@ -163,10 +167,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
             assert not B.fast_bernoulli_available()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            torch.manual_seed(4)
-            ref = torch.empty(777).bernoulli_(0.5)
-            torch.manual_seed(4)
-            assert torch.equal(B.bernoulli_(torch.empty(777), 0.5), ref)
+            _assert_same_as_torch(777, 0.5, seed=4)
         assert not list((tmp_path / "cache").glob("*.so"))
     finally:
         native.clear()
@@ -180,9 +181,6 @@ def test_a_fresh_cache_folder_gets_a_working_build(monkeypatch, tmp_path):
     try:
         assert B.fast_bernoulli_available()
         assert len(list(tmp_path.glob("bernoulli_*.so"))) == 1
-        torch.manual_seed(8)
-        ref = torch.empty(5000).bernoulli_(0.99)
-        torch.manual_seed(8)
-        assert torch.equal(B.bernoulli_(torch.empty(5000), 0.99), ref)
+        _assert_same_as_torch(5000, 0.99, seed=8)
     finally:
         native.clear()
