@@ -265,7 +265,7 @@ def _backward(act, grad, h, w, b, mean, rstd, rpm):
 
 class _LayerNormAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, eps, members, rpm, act):
+    def forward(ctx, h, w, b, eps, rpm, act):
         wc, bc = w.detach().contiguous(), b.detach().contiguous()
         y, mean, rstd = _forward(act, h, wc, bc, eps, rpm, True)
         ctx.save_for_backward(h, wc, bc, mean, rstd)
@@ -279,7 +279,7 @@ class _LayerNormAct(torch.autograd.Function):
         gx, gw, gb = _backward(ctx.act, grad, h, w, b, mean, rstd, ctx.rpm)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         return (gx if need_x else None, gw.view(ctx.w_shape) if need_w else None,
-                gb.view(ctx.w_shape) if need_b else None, None, None, None, None)
+                gb.view(ctx.w_shape) if need_b else None, None, None, None)
 
 
 def fused_applies(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> bool:
@@ -294,9 +294,9 @@ def fused_applies(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> bool:
 def _layer_norm_act(act, h, w, b, eps):
     if not fused_applies(h, w, b):
         return None
-    members, rpm = _affine_rows(h, w)
+    rpm = _affine_rows(h, w)[1]
     if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad or b.requires_grad):
-        return _LayerNormAct.apply(h, w, b, float(eps), members, rpm, act)
+        return _LayerNormAct.apply(h, w, b, float(eps), rpm, act)
     return _forward(act, h, w.contiguous(), b.contiguous(), float(eps), rpm, False)[0]
 
 
