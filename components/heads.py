@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from components.layers import EnsembleMLP, concat_mlp, init_weights, mlp, zero_last_linear
+from components.layers import (EnsembleMLP, broadcast_pair, concat_mlp, grad_columns, init_weights,
+                               mlp, zero_last_linear)
 from rlcore import math as rmath
 from rlcore.registry import register
 
@@ -47,7 +48,7 @@ class EnsembleQHead(nn.Module):
     Shapes: x [..., in_dim] -> [Q, ..., K] (or [m, ..., K] for m selected members).
     """
 
-    # forward(..., input_grad_from=c): the first c input columns need no gradient
+    # forward(..., input_grad_cols=(lo, hi)): only those input columns need a gradient
     partial_input_grad = True
 
     def __init__(self, in_dim: int, num_bins: int, *, num_q: int = 5, hidden_dim: int = 512,
@@ -63,8 +64,8 @@ class EnsembleQHead(nn.Module):
         self.net.reset_parameters()
 
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None, *,
-                input_grad_from: int = 0) -> torch.Tensor:
-        return self.net(x, members, input_grad_from=input_grad_from)
+                input_grad_cols: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.net(x, members, input_grad_cols=input_grad_cols)
 
 
 @register("heads")
@@ -143,8 +144,11 @@ class JointAuxQHead(nn.Module):
         init_weights(self)
         zero_last_linear(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)  # [..., G*K]
+    broadcasts_latent = True  # forward(z, a) takes the two parts, broadcast
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
+        """forward(x) on the input; forward(z, a) on cat([z, a]) (see `layers.concat_mlp`)."""
+        out = self.net(x) if a is None else concat_mlp(self.net, x, a)  # [..., G*K]
         return out.view(*out.shape[:-1], self.num_discounts, self.num_bins)  # [..., G, K]
 
 
@@ -167,5 +171,14 @@ class SeparateAuxQHead(nn.Module):
     def reset_parameters(self) -> None:
         self.net.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.movedim(self.net(x), 0, -2)  # [G, ..., K] -> [..., G, K]
+    broadcasts_latent = True  # forward(z, a) takes the two parts, broadcast
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
+        """forward(x) on the input; forward(z, a) on cat([z, a]), where z and a broadcast;
+        then only the part that needs a gradient gets an input gradient."""
+        if a is None:
+            return torch.movedim(self.net(x), 0, -2)  # [G, ..., K] -> [..., G, K]
+        cols = grad_columns(x, a)
+        out = self.net(torch.cat(broadcast_pair(x, a), -1),
+                       input_grad_cols=cols)  # [G, ..., K]
+        return torch.movedim(out, 0, -2)  # [..., G, K]

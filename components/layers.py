@@ -190,15 +190,23 @@ def concat_mlp(net: nn.Sequential, z: torch.Tensor, a: torch.Tensor) -> torch.Te
     z and a may differ in leading shape as long as they broadcast (planning passes one
     latent per env, z [E, 1, L], with N action candidates, a [E, N, A]). Then the first
     layer is computed as z W_z + a W_a + b, so z's share runs once per distinct latent
-    instead of once per candidate; the result is the same function.
+    instead of once per candidate; the result is the same function. When only one of z
+    and a needs a gradient (a latent beside an action that is data), the first layer's
+    input gradient is computed for that part's columns only (`_LinearGradCols`).
 
     Shapes: z [..., L], a [..., A] (broadcastable) -> [broadcast(...), out].
     """
     first = net[0][0] if isinstance(net[0], NormedLinear) else net[0]
-    if _REFERENCE or z.shape[:-1] == a.shape[:-1] or not isinstance(first, nn.Linear):
+    if _REFERENCE or not isinstance(first, nn.Linear):
         return net(torch.cat(broadcast_pair(z, a), -1))
     L = z.shape[-1]
-    h = F.linear(a, first.weight[:, L:], first.bias) + F.linear(z, first.weight[:, :L])
+    if z.shape[:-1] == a.shape[:-1]:
+        cols = grad_columns(z, a)
+        if cols is None:
+            return net(torch.cat([z, a], -1))
+        h = _LinearGradCols.apply(torch.cat([z, a], -1), first.weight, first.bias, cols)
+    else:
+        h = F.linear(a, first.weight[:, L:], first.bias) + F.linear(z, first.weight[:, :L])
     mods = list(net)
     if isinstance(mods[0], NormedLinear):
         h = mods[0].post_linear(h)
@@ -244,39 +252,58 @@ def _member_list(members: torch.Tensor | None, num_members: int,
     return idx if len(set(idx)) == len(idx) else None
 
 
+def grad_columns(z: torch.Tensor, a: torch.Tensor) -> tuple[int, int] | None:
+    """The columns of cat([z, a], -1) whose input gradient is needed, when only one of
+    the two parts needs one: (0, L) for a latent that needs a gradient beside an action
+    that is data (model losses), (L, L + A) for an action beside a detached latent (the
+    policy loss). None when both or neither need one, or outside autograd."""
+    if not torch.is_grad_enabled() or z.requires_grad == a.requires_grad:
+        return None
+    L = z.shape[-1]
+    return (0, L) if z.requires_grad else (L, L + a.shape[-1])
+
+
+def _pad_columns(g: torch.Tensor, cols: tuple[int, int], width: int) -> torch.Tensor:
+    """g [..., hi - lo] placed at columns [lo, hi) of zeros [..., width]."""
+    return F.pad(g, (cols[0], width - cols[1]))
+
+
 class _EnsembleLinear(torch.autograd.Function):
     """out[j] = x[j] @ w[i_j] + b[i_j] for members idx = (i_0, i_1, ...), one GEMM each.
 
     x [1 or m, N, in] (1: the same input for every member), w [M, in, out], b [M, 1, out]
     -> [m, N, out]. The same function as `baddbmm(b[idx], x.expand(m, ...), w[idx])`;
     outputs and gradients are written in place into slices (no stacking copies), and
-    members not in idx get zero gradient, as indexing would give them. With
-    `grad_from` = c > 0 the caller promises that input columns before c feed nothing that
-    needs a gradient (a detached latent concatenated with an action): their input
-    gradient is returned as zero instead of computed.
+    members not in idx get zero gradient, as indexing would give them. With `grad_cols`
+    = (lo, hi) the caller promises that only input columns lo..hi-1 feed something that
+    needs a gradient (a latent concatenated with an action, one of them without
+    gradient; see `grad_columns`): the other columns' input gradient is returned as zero
+    instead of computed.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                idx: tuple[int, ...], grad_from: int = 0) -> torch.Tensor:
+                idx: tuple[int, ...], grad_cols: tuple[int, int] | None = None) -> torch.Tensor:
         x = x.contiguous()
         out = x.new_empty(len(idx), x.shape[1], w.shape[2])
         for j, i in enumerate(idx):
             torch.addmm(b[i], x[j if x.shape[0] > 1 else 0], w[i], out=out[j])
         ctx.save_for_backward(x, w)
-        ctx.idx, ctx.grad_from = idx, grad_from
+        ctx.idx, ctx.grad_cols = idx, grad_cols
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, w = ctx.saved_tensors
-        idx, c = ctx.idx, ctx.grad_from
+        idx = ctx.idx
+        lo, hi = ctx.grad_cols or (0, x.shape[-1])
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad = grad.contiguous()
         every = idx == tuple(range(w.shape[0]))
         shared = x.shape[0] == 1
-        gx = (x.new_zeros(x.shape) if c else x.new_empty(x.shape)) if need_x else None
+        partial = (lo, hi) != (0, x.shape[-1])
+        gx = (x.new_zeros(x.shape) if partial else x.new_empty(x.shape)) if need_x else None
         gw = (torch.empty_like(w) if every else torch.zeros_like(w)) if need_w else None
         gb = None
         if need_b:
@@ -288,43 +315,87 @@ class _EnsembleLinear(torch.autograd.Function):
             if need_w:
                 torch.mm(x[0 if shared else j].t(), grad[j], out=gw[i])
             if need_x:
-                g = gx[0 if shared else j][:, c:]  # [N, in - c]
+                g = gx[0 if shared else j][:, lo:hi]  # [N, hi - lo]
                 if shared and j > 0:  # the shared input's gradient sums over members
                     # (out= rather than addmm_: FlopCounterMode does not count addmm_)
-                    torch.addmm(g, grad[j], w[i][c:].t(), out=g)
+                    torch.addmm(g, grad[j], w[i][lo:hi].t(), out=g)
                 else:
-                    torch.mm(grad[j], w[i][c:].t(), out=g)
+                    torch.mm(grad[j], w[i][lo:hi].t(), out=g)
         return gx, gw, gb, None, None
 
 
-class _BatchedLinearGradFrom(torch.autograd.Function):
-    """`baddbmm(b, x, w)` whose input gradient skips the columns before c.
+class _BatchedLinearGradCols(torch.autograd.Function):
+    """`baddbmm(b, x, w)` whose input gradient covers only the columns `grad_cols`.
 
     x [m, N, in] (an expanded view is fine), w [m, in, out], b [m, 1, out] -> [m, N, out].
-    The caller promises that input columns before c feed nothing that needs a gradient (a
-    detached latent concatenated with an action): their gradient is returned as zero
-    instead of computed, so the input-gradient product is [N, out] x [out, in - c] per
-    member instead of [N, out] x [out, in]. The batched counterpart of `_EnsembleLinear`'s
-    `grad_from`, for the paths that run the ensemble as one batched matmul (CUDA,
-    torch.compile).
+    The caller promises that only input columns lo..hi-1 feed something that needs a
+    gradient (see `grad_columns`): the others' gradient is returned as zero instead of
+    computed, so the input-gradient product is [N, out] x [out, hi - lo] per member
+    instead of [N, out] x [out, in]. The batched counterpart of `_EnsembleLinear`'s
+    `grad_cols`, for the paths that run the ensemble as batched products (CUDA,
+    torch.compile). `per_member`: one GEMM per member, stacked (CPU under torch.compile,
+    see `_member_list`), instead of one batched matmul.
     """
 
     @staticmethod
     def forward(ctx, b: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-                grad_from: int) -> torch.Tensor:
+                grad_cols: tuple[int, int], per_member: bool = False) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        ctx.grad_from = grad_from
+        ctx.grad_cols, ctx.per_member = grad_cols, per_member
+        if per_member:
+            return torch.stack([torch.addmm(b[m], x[m], w[m]) for m in range(w.shape[0])])
         return torch.baddbmm(b, x, w)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, w = ctx.saved_tensors
-        c = ctx.grad_from
+        lo, hi = ctx.grad_cols
         need_b, need_x, need_w = ctx.needs_input_grad[:3]
         gb = grad.sum(1, keepdim=True) if need_b else None
-        gx = (F.pad(torch.bmm(grad, w[:, c:].transpose(1, 2)), (c, 0)) if need_x else None)
-        gw = torch.bmm(x.transpose(1, 2), grad) if need_w else None
-        return gb, gx, gw, None
+        gx = gw = None
+        if ctx.per_member:
+            members = range(w.shape[0])
+            if need_x:
+                gx = torch.stack([torch.mm(grad[m], w[m, lo:hi].t()) for m in members])
+            if need_w:
+                gw = torch.stack([torch.mm(x[m].t(), grad[m]) for m in members])
+        else:
+            if need_x:
+                gx = torch.bmm(grad, w[:, lo:hi].transpose(1, 2))
+            if need_w:
+                gw = torch.bmm(x.transpose(1, 2), grad)
+        if gx is not None:
+            gx = _pad_columns(gx, (lo, hi), x.shape[-1])
+        return gb, gx, gw, None, None
+
+
+class _LinearGradCols(torch.autograd.Function):
+    """`F.linear(x, w, b)` whose input gradient covers only the columns `grad_cols` (the
+    caller's promise, as for `_BatchedLinearGradCols`); weight and bias gradients are
+    those of `F.linear`. x [..., in], w [out, in], b [out] -> [..., out]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                grad_cols: tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.grad_cols, ctx.has_bias = grad_cols, b is not None
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        lo, hi = ctx.grad_cols
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g2 = grad.reshape(-1, grad.shape[-1])  # [N, out]
+        gx = gw = gb = None
+        if need_x:
+            gx = _pad_columns(torch.mm(g2, w[:, lo:hi]), (lo, hi), x.shape[-1])
+            gx = gx.view(x.shape)
+        if need_w:
+            gw = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))
+        if need_b and ctx.has_bias:
+            gb = g2.sum(0)
+        return gx, gw, gb, None
 
 
 class EnsembleMLP(nn.Module):
@@ -379,22 +450,25 @@ class EnsembleMLP(nn.Module):
         return groups
 
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None, *,
-                input_grad_from: int = 0) -> torch.Tensor:
-        """`input_grad_from` = c: input columns before c need no gradient, and get zero
-        instead (see `_EnsembleLinear` and `_BatchedLinearGradFrom`)."""
+                input_grad_cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """`input_grad_cols` = (lo, hi): only input columns lo..hi-1 need a gradient; the
+        others get zero instead (see `grad_columns`, `_EnsembleLinear` and
+        `_BatchedLinearGradCols`)."""
         lead = x.shape[:-1]
         h = x.reshape(1, -1, x.shape[-1])  # [1, N, in]
         idx = _member_list(members, self.num_members, x)
+        compiled_cpu = x.device.type == "cpu" and torch.compiler.is_compiling()
         for i in range(self.num_layers):
             w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}")
             if idx is not None:  # one GEMM per member, see _EnsembleLinear
-                h = _EnsembleLinear.apply(h, w, b, idx, input_grad_from if i == 0 else 0)
-            elif i == 0 and input_grad_from and not _REFERENCE:
+                h = _EnsembleLinear.apply(h, w, b, idx, input_grad_cols if i == 0 else None)
+            elif i == 0 and input_grad_cols is not None and not _REFERENCE:
                 if members is not None:
                     w, b = w[members], b[members]  # [m, in, out], [m, 1, out]
-                h = _BatchedLinearGradFrom.apply(b, h.expand(w.shape[0], -1, -1), w,
-                                                 input_grad_from)
-            elif members is None and x.device.type == "cpu" and torch.compiler.is_compiling():
+                h = _BatchedLinearGradCols.apply(b, h.expand(w.shape[0], -1, -1), w,
+                                                 input_grad_cols,
+                                                 compiled_cpu and members is None)
+            elif members is None and compiled_cpu:
                 # the same per member GEMMs for inductor, which writes them into one buffer
                 h = torch.stack([torch.addmm(b[m], h[m if h.shape[0] > 1 else 0], w[m])
                                  for m in range(w.shape[0])])

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from components.layers import broadcast_pair
+from components.layers import broadcast_pair, grad_columns
 from rlcore import math as rmath
 from rlcore.registry import register
 from rlcore.types import EnvSpec
@@ -171,23 +171,25 @@ class WorldModel(nn.Module):
             raise ValueError(f"return_type must be min, avg or all, got {return_type!r}")
         x = torch.cat([z, a], dim=-1)  # [..., L+A]
         net = self._target_Qs if target else self._Qs
+        # Only the part that needs a gradient gets an input gradient: the latent in the
+        # model losses (the action is data), the action in the policy loss (detached
+        # latent).
+        cols = grad_columns(z, a) if getattr(net, "partial_input_grad", False) else None
+        kwargs = {"input_grad_cols": cols} if cols is not None else {}
         if return_type == "all":
             if detach:
                 with torch.no_grad():
                     return net(x)
-            return net(x)
+            return net(x, **kwargs)
         # Two members: both, in order (min and mean are symmetric), with no draw; inductor
         # (torch 2.13) fails to compile a permutation indexing a dimension of its length.
         members = (torch.randperm(self.num_q, device=x.device)[:2] if self.num_q > 2
                    else None)
         if detach:
             params = {k: v.detach() for k, v in net.named_parameters()}
-            # a detached latent (the policy loss) needs no input gradient: skip computing it
-            kwargs = ({"input_grad_from": z.shape[-1]} if not z.requires_grad
-                      and getattr(net, "partial_input_grad", False) else {})
             logits = torch.func.functional_call(net, params, (x, members), kwargs)
         else:
-            logits = net(x, members)  # [2, ..., K]
+            logits = net(x, members, **kwargs)  # [2, ..., K]
         q1, q2 = self.decode(logits).unbind(0)  # [..., 1] each
         return torch.min(q1, q2) if return_type == "min" else (q1 + q2) / 2
 
@@ -196,7 +198,9 @@ class WorldModel(nn.Module):
         if self._aux_Qs is None:
             raise RuntimeError("this world model has no auxiliary Q heads (aux_discounts=())")
         net = self._target_aux_Qs if target else self._aux_Qs
-        return net(torch.cat([z, a], dim=-1))
+        if getattr(net, "broadcasts_latent", False):
+            return net(z, a)
+        return net(torch.cat(broadcast_pair(z, a), dim=-1))
 
     # -- copies -----------------------------------------------------------------------
     @torch.no_grad()

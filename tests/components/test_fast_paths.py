@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import pytest
 import torch
@@ -163,31 +164,41 @@ def test_fused_optimizer_gives_the_same_updates(tiny_agent_factory):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("cols", [(4, 6), (0, 4)])
 @pytest.mark.parametrize("x_members", [1, 2])
-def test_ensemble_linear_skips_the_gradient_of_leading_columns(x_members):
-    """grad_from = c: the input gradient of columns >= c is the full one, columns < c get
-    zero (the caller promised nothing upstream needs them); weights' gradients unchanged."""
+def test_ensemble_linear_computes_the_input_gradient_of_chosen_columns(x_members, cols):
+    """grad_cols = (lo, hi): the input gradient of those columns is the full one, the
+    other columns get zero (the caller promised nothing upstream needs them); weights'
+    gradients unchanged."""
     torch.manual_seed(0)
+    lo, hi = cols
     w = torch.randn(3, 6, 5, requires_grad=True)
     b = torch.randn(3, 1, 5, requires_grad=True)
     x = torch.randn(x_members, 4, 6, requires_grad=True)
     g = torch.randn(2, 4, 5)
     full = torch.autograd.grad(layers._EnsembleLinear.apply(x, w, b, (2, 0)), (x, w, b), g)
-    part = torch.autograd.grad(layers._EnsembleLinear.apply(x, w, b, (2, 0), 4), (x, w, b), g)
-    torch.testing.assert_close(part[0][..., 4:], full[0][..., 4:])
-    assert part[0][..., :4].abs().sum() == 0 and full[0][..., :4].abs().sum() > 0
+    part = torch.autograd.grad(layers._EnsembleLinear.apply(x, w, b, (2, 0), cols),
+                               (x, w, b), g)
+    torch.testing.assert_close(part[0][..., lo:hi], full[0][..., lo:hi])
+    rest = torch.cat([part[0][..., :lo], part[0][..., hi:]], -1)
+    assert rest.abs().sum() == 0 and full[0].abs().sum() > 0
     torch.testing.assert_close(part[1], full[1])
     torch.testing.assert_close(part[2], full[2])
 
 
+@pytest.mark.parametrize("per_member", [False, True])
+@pytest.mark.parametrize("cols", [(4, 6), (0, 4)])
 @pytest.mark.parametrize("shared_input", [True, False])
-def test_batched_linear_skips_the_gradient_of_leading_columns(shared_input):
-    """The batched path's grad_from (CUDA, torch.compile): columns >= c get the input
-    gradient of plain baddbmm, columns < c zero; weight and bias gradients unchanged; the
-    skipped product is not run (counted FLOPs)."""
+def test_batched_linear_computes_the_input_gradient_of_chosen_columns(shared_input, cols,
+                                                                      per_member):
+    """The batched path's grad_cols (CUDA, torch.compile; per member GEMMs on CPU under
+    compile): columns in [lo, hi) get the input gradient of plain baddbmm, the others
+    zero; weight and bias gradients unchanged; the skipped product is not run (counted
+    FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
+    lo, hi = cols
     w = torch.randn(3, 6, 5, requires_grad=True)
     b = torch.randn(3, 1, 5, requires_grad=True)
     x0 = torch.randn(1 if shared_input else 3, 4, 6, requires_grad=True)
@@ -199,36 +210,130 @@ def test_batched_linear_skips_the_gradient_of_leading_columns(shared_input):
         return out, counter.get_total_flops()
 
     full, full_flops = grads(lambda x: torch.baddbmm(b, x, w))
-    part, part_flops = grads(lambda x: layers._BatchedLinearGradFrom.apply(b, x, w, 4))
-    torch.testing.assert_close(part[0][..., 4:], full[0][..., 4:])
-    assert part[0][..., :4].abs().sum() == 0 and full[0][..., :4].abs().sum() > 0
+    part, part_flops = grads(
+        lambda x: layers._BatchedLinearGradCols.apply(b, x, w, cols, per_member))
+    torch.testing.assert_close(part[0][..., lo:hi], full[0][..., lo:hi])
+    rest = torch.cat([part[0][..., :lo], part[0][..., hi:]], -1)
+    assert rest.abs().sum() == 0 and full[0].abs().sum() > 0
     torch.testing.assert_close(part[1], full[1])
     torch.testing.assert_close(part[2], full[2])
-    # forward, weight gradient and input gradient of 6 columns vs of the last 2
-    assert full_flops - part_flops == 2 * 3 * 4 * 5 * 4
+    # the input gradient of 6 columns vs of hi - lo: 3 members x [4, 5] x [5, 6 - (hi - lo)]
+    assert full_flops - part_flops == 2 * 3 * 4 * 5 * (6 - (hi - lo))
+
+
+@pytest.mark.parametrize("cols", [(4, 6), (0, 4)])
+def test_linear_computes_the_input_gradient_of_chosen_columns(cols):
+    """`_LinearGradCols` (reward, dynamics and joint auxiliary heads): columns in [lo, hi)
+    get F.linear's input gradient, the others zero, with fewer FLOPs; weight and bias
+    gradients unchanged."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    lo, hi = cols
+    w = torch.randn(5, 6, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    x = torch.randn(2, 4, 6, requires_grad=True)
+    g = torch.randn(2, 4, 5)
+
+    def grads(fn):
+        with FlopCounterMode(display=False) as counter:
+            out = torch.autograd.grad(fn(), (x, w, b), g)
+        return out, counter.get_total_flops()
+
+    full, full_flops = grads(lambda: F.linear(x, w, b))
+    part, part_flops = grads(lambda: layers._LinearGradCols.apply(x, w, b, cols))
+    torch.testing.assert_close(part[0][..., lo:hi], full[0][..., lo:hi])
+    rest = torch.cat([part[0][..., :lo], part[0][..., hi:]], -1)
+    assert rest.abs().sum() == 0 and full[0].abs().sum() > 0
+    torch.testing.assert_close(part[1], full[1])
+    torch.testing.assert_close(part[2], full[2])
+    assert full_flops - part_flops == 2 * 8 * 5 * (6 - (hi - lo))
+
+
+def test_grad_columns_names_the_part_that_needs_a_gradient():
+    z, a = torch.randn(3, 4), torch.randn(3, 2)
+    zg, ag = z.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    assert layers.grad_columns(zg, a) == (0, 4)
+    assert layers.grad_columns(z, ag) == (4, 6)
+    assert layers.grad_columns(zg, ag) is None and layers.grad_columns(z, a) is None
+    with torch.no_grad():
+        assert layers.grad_columns(zg, a) is None
 
 
 def test_policy_q_gradient_reaches_the_action_only_on_the_batched_path(tiny_agent_factory):
     """Repeated members run as one batched matmul: the policy loss's Q still gives the
-    action the plain computation's gradient, through `_BatchedLinearGradFrom`."""
+    action the plain computation's gradient, through `_BatchedLinearGradCols`."""
     torch.manual_seed(0)
     agent = tiny_agent_factory(SPEC, num_q=5)
     _randomize_outputs(agent)
     net = agent.model._Qs
     params = {k: v.detach() for k, v in net.named_parameters()}
     z = torch.randn(3, 4, agent.model.latent_dim)
+    L = z.shape[-1]
     members = torch.tensor([3, 3])  # repeated: not the per-member GEMMs
     out = []
-    for grad_from in (z.shape[-1], 0):
+    for kwargs in ({"input_grad_cols": (L, L + SPEC.action_dim)}, {}):
         a = (torch.rand(3, 4, SPEC.action_dim, generator=torch.Generator().manual_seed(1))
              * 2 - 1).requires_grad_(True)
         x = torch.cat([z, a], -1)
-        logits = torch.func.functional_call(net, params, (x, members),
-                                            {"input_grad_from": grad_from})
+        logits = torch.func.functional_call(net, params, (x, members), kwargs)
         out.append((logits.detach(), torch.autograd.grad(logits.square().sum(), a)[0]))
     torch.testing.assert_close(out[0][0], out[1][0])
     torch.testing.assert_close(out[0][1], out[1][1])
     assert out[0][1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("aux_head", ["JointAuxQHead", "SeparateAuxQHead"])
+def test_model_side_heads_give_the_latent_the_plain_gradient(aux_head):
+    """Q ensemble (all members), reward, dynamics and auxiliary Q heads on a latent that
+    needs a gradient beside an action that is data (the model losses): the action's
+    input-gradient product is skipped, and outputs, the latent's gradient and every
+    parameter gradient equal the plain computation's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from components import heads
+    from tests.conftest import TINY_HIDDEN, tiny_world_model_factory
+
+    torch.manual_seed(0)
+    model = tiny_world_model_factory(num_q=5)(
+        SPEC, aux_discounts=(0.9, 0.95),
+        aux_q_head=functools.partial(getattr(heads, aux_head), hidden_dim=TINY_HIDDEN))
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():  # zero-initialized output layers would give zero gradients
+        for p in model.parameters():
+            if p.abs().sum() == 0 and p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.train()
+    z0 = torch.randn(3, 4, model.latent_dim)
+    a = torch.rand(3, 4, SPEC.action_dim) * 2 - 1
+    results = []
+    for reference in (False, True):
+        torch.manual_seed(5)  # the same dropout masks
+        z = z0.clone().requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        with (layers.reference_kernels() if reference else contextlib.nullcontext(),
+              FlopCounterMode(display=False) as counter):
+            outs = [model.Q(z, a, return_type="all"), model.reward(z, a), model.next(z, a),
+                    model.aux_Q(z, a)]
+            loss = sum((o * torch.linspace(-1, 1, o.shape[-1])).square().sum() for o in outs)
+            loss.backward()
+        results.append(([o.detach() for o in outs], z.grad,
+                        {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        counter.get_total_flops()))
+    (got, gz, gp, flops), (want, rz, rp, ref_flops) = results
+    # the skipped action-gradient products: [N, H] x [H, A] for 5 Q members, the reward,
+    # the dynamics and the auxiliary heads (one trunk, or one member per discount)
+    first_layers = 5 + 1 + 1 + (2 if aux_head == "SeparateAuxQHead" else 1)
+    assert ref_flops - flops == 2 * 12 * TINY_HIDDEN * SPEC.action_dim * first_layers
+    tol = {"rtol": 1e-4, "atol": 1e-5}  # fused kernels vs plain ops: float32 rounding
+    for o, r in zip(got, want):
+        torch.testing.assert_close(o, r, **tol)
+    torch.testing.assert_close(gz, rz, **tol)
+    assert gz.abs().sum() > 0
+    assert gp.keys() == rp.keys() and len(gp) > 0
+    for name in rp:
+        torch.testing.assert_close(gp[name], rp[name], **tol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_policy_q_gradient_reaches_the_action_only(tiny_agent_factory):
