@@ -167,3 +167,35 @@ def test_switched_off_the_layers_run_plain_pytorch(monkeypatch):
         assert torch.isfinite(lin(h)).all()
     finally:
         native.clear()
+
+
+@needs_kernel
+def test_compiled_simnorm_layer_calls_the_kernel_as_an_op(monkeypatch):
+    """Under torch.compile the LayerNorm -> SimNorm layer calls the fused kernel as the op
+    `tdmpc2::layer_norm_act` (inductor's own kernel for a softmax over groups of 8 was
+    several times slower), without a graph break; outputs and gradients equal eager's."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    sim = NormedLinear(40, 32, act=layers.SimNorm(8))
+    x = torch.randn(9, 40, requires_grad=True)
+    wsum = torch.randn(32)
+
+    def run(module):
+        out = module(x)
+        grads = torch.autograd.grad((out * wsum).sum(), [x, *sim.parameters()])
+        return out.detach(), grads
+
+    with reference_kernels():
+        want = run(sim)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(sim)(x).graph_break_count == 0
+    calls = []
+    real_forward, real_backward = fused._forward, fused._backward
+    monkeypatch.setattr(fused, "_forward", lambda *a: calls.append(a[0]) or real_forward(*a))
+    monkeypatch.setattr(fused, "_backward", lambda *a: calls.append(a[0]) or real_backward(*a))
+    got = run(torch.compile(sim))
+    assert calls == ["simnorm", "simnorm"]  # the forward and the backward ran as ops
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
