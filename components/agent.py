@@ -201,8 +201,17 @@ class TDMPC2Agent:
 
     def _model_terms(self, pathway: str, zs, next_z, action, reward, terminated) -> TensorDict:
         args = (self.model, zs, next_z, action, reward, terminated, self.discount)
-        terms = [self.model_loss(*args, value_only=pathway == "actor_critic")]
-        terms += [loss(*args) for loss in self.extra_losses if pathway in loss.pathways]
+        # the losses' TD targets share one policy evaluation on next_z (eager; compiled
+        # graphs merge the repeated evaluation themselves)
+        share = not torch.compiler.is_compiling()
+        if share:
+            self.model.share_policy_trunks(True)
+        try:
+            terms = [self.model_loss(*args, value_only=pathway == "actor_critic")]
+            terms += [loss(*args) for loss in self.extra_losses if pathway in loss.pathways]
+        finally:
+            if share:
+                self.model.share_policy_trunks(False)
         return _merge(*terms)
 
     def _latents(self, obs: torch.Tensor, action: torch.Tensor, pathway: str):

@@ -90,8 +90,16 @@ class TanhGaussianPolicyHead(nn.Module):
     def reset_parameters(self) -> None:
         init_weights(self)
 
+    def trunk(self, z: torch.Tensor) -> torch.Tensor:
+        """The network's output [..., 2A] (mean and raw log-std), before any draw."""
+        return self.net(z)
+
     def forward(self, z: torch.Tensor, *, deterministic: bool = False):
-        mean, raw_log_std = self.net(z).chunk(2, dim=-1)  # [..., A] each
+        return self.sample(self.trunk(z), deterministic=deterministic)
+
+    def sample(self, out: torch.Tensor, *, deterministic: bool = False):
+        """An action and its info from a `trunk` output (draws the noise)."""
+        mean, raw_log_std = out.chunk(2, dim=-1)  # [..., A] each
         log_std = rmath.log_std_squash(raw_log_std, self.log_std_min, self.log_std_max)
         eps = torch.zeros_like(mean) if deterministic else torch.randn_like(mean)
         log_prob = rmath.gaussian_logprob(eps, log_std)  # [..., 1]

@@ -83,6 +83,7 @@ class WorldModel(nn.Module):
         self.policy_ema_tau, self.encoder_ema_tau = policy_ema_tau, encoder_ema_tau
         self._ema_pi = _frozen_copy(self._pi) if policy_ema_tau else None
         self._ema_encoder = _frozen_copy(self._encoder) if encoder_ema_tau else None
+        self._shared_trunks: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] | None = None
 
     # -- parameter groups -------------------------------------------------------------
     @property
@@ -157,7 +158,23 @@ class WorldModel(nn.Module):
         """The policy prior; `target` uses the EMA policy when there is one (acting,
         planning, TD targets), the online one otherwise."""
         net = self._ema_pi if target and self._ema_pi is not None else self._pi
-        return net(z, deterministic=deterministic)
+        shared = self._shared_trunks
+        if shared is None or torch.is_grad_enabled() or not hasattr(net, "sample"):
+            return net(z, deterministic=deterministic)
+        for n, zc, out in shared:  # the same network on the same latent tensor: reuse
+            if n is net and zc is z:
+                return net.sample(out, deterministic=deterministic)
+        out = net.trunk(z)
+        shared.append((net, z, out))
+        return net.sample(out, deterministic=deterministic)
+
+    def share_policy_trunks(self, on: bool) -> None:
+        """While on, `pi` without gradients on a latent tensor it has already seen reuses
+        the policy network's output for it and draws only new noise, in the same order as
+        before: the TD target and the auxiliary TD targets both act from z_{t+1}, and the
+        network then runs once for both, with the same results. Off clears what was kept.
+        (Compiled graphs merge the two evaluations by themselves.)"""
+        self._shared_trunks = [] if on else None
 
     def Q(self, z: torch.Tensor, a: torch.Tensor, *, return_type: str = "min",
           target: bool = False, detach: bool = False) -> torch.Tensor:

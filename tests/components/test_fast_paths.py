@@ -374,3 +374,70 @@ def test_clip_grad_norm_matches_torch(grad_scale):
     torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p.grad, q.grad, equal_nan=True, rtol=0, atol=0)
+
+
+def test_td_targets_share_one_policy_evaluation():
+    """The value and auxiliary-value TD targets both act from z_{t+1} with the target
+    policy: the network runs once for both (fewer FLOPs by exactly one evaluation), the
+    noise is still drawn per call in the same order, and an update gives bit-identical
+    results to evaluating the policy twice."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from components.agent import TDMPC2Agent
+    from components.heads import JointAuxQHead
+    from components.losses import AuxValueLoss, PolicyLoss, WorldModelLoss
+    from tests.components.test_agent import B, T
+    from tests.conftest import TINY_HIDDEN, tiny_planner_factory, tiny_world_model_factory
+
+    torch.manual_seed(0)
+    world_model = functools.partial(
+        tiny_world_model_factory(num_q=5), aux_discounts=(0.9, 0.95),
+        aux_q_head=functools.partial(JointAuxQHead, hidden_dim=TINY_HIDDEN))
+    shared = TDMPC2Agent(SPEC, "cpu", world_model=world_model,
+                         planner=tiny_planner_factory("mppi"), model_loss=WorldModelLoss,
+                         policy_loss=PolicyLoss, extra_losses=[AuxValueLoss])
+    _randomize_outputs(shared)
+    twice = copy.deepcopy(shared)
+    twice.model.share_policy_trunks = lambda on: None  # every pi call runs the network
+    batch = make_batch(seed=3)
+    results = []
+    for agent in (shared, twice):
+        torch.manual_seed(11)
+        with FlopCounterMode(display=False) as counter:
+            metrics = agent.update(batch)
+        results.append((metrics, counter.get_total_flops()))
+    (got, flops), (want, flops_twice) = results
+    assert set(got.keys()) == set(want.keys())
+    for key in want.keys():
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+    for (n, p), q in zip(shared.model.named_parameters(), twice.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        shared.model._pi.trunk(torch.zeros(T, B, shared.model.latent_dim))
+    assert flops_twice - flops == counter.get_total_flops() > 0
+    assert shared.model._shared_trunks is None  # nothing kept after the update
+
+
+def test_shared_policy_trunk_is_reused_only_without_gradients(tiny_world_model):
+    torch.manual_seed(0)
+    model = tiny_world_model(SPEC)
+    z = torch.randn(4, model.latent_dim)
+    model.share_policy_trunks(True)
+    try:
+        with torch.no_grad():
+            torch.manual_seed(1)
+            a1, _ = model.pi(z, target=True)
+            a2, _ = model.pi(z, target=True)  # reused trunk, fresh noise
+            a3, _ = model.pi(z.clone(), target=True)  # another tensor: its own evaluation
+        assert len(model._shared_trunks) == 2
+        a4, _ = model.pi(z, target=True)  # with gradients: never from the store
+        assert a4.requires_grad and len(model._shared_trunks) == 2
+    finally:
+        model.share_policy_trunks(False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        b1, _ = model.pi(z, target=True)
+        b2, _ = model.pi(z, target=True)
+    torch.testing.assert_close(a1, b1, rtol=0, atol=0)
+    torch.testing.assert_close(a2, b2, rtol=0, atol=0)
+    assert not torch.equal(a1, a2)
