@@ -167,23 +167,29 @@ def time_breakdown(fn: Callable[[], Any], *, flops: int, matmul_gflops: float,
     dispatch). Profiling slows the calls down, so the figures are ms per profiled call and
     shares of it. The matrix products' own rate is `flops` over their time, and its ratio
     to the matmul reference says how far they are from the machine's GEMM speed.
+    `executed_matrix_flops` is what the profiled calls' products really ran (the
+    profiler's count); compiled graphs that merge repeated work run fewer than eager
+    `count_flops` counts, and the report says so (`_format_breakdowns`).
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         t0 = time.perf_counter()
         for _ in range(repeats):
             fn()
         wall = (time.perf_counter() - t0) / repeats
     ms = dict.fromkeys(BREAKDOWN_KEYS, 0.0)
+    executed = 0.0
     for e in prof.key_averages():
         ms[categorize(e.key)] += e.self_cpu_time_total / 1e3 / repeats
+        if e.key in MATRIX_OPS:
+            executed += (e.flops or 0) / repeats
     ms["unattributed"] = max(0.0, wall * 1e3 - sum(ms.values()))
     total = sum(ms.values())
     mat_s = ms["matrix_products"] / 1e3
     mat_gflops = flops / mat_s / 1e9 if mat_s > 0 else 0.0
     return {"profiled_ms": total, "ms": ms, "share": {k: v / total for k, v in ms.items()},
-            "matrix_gflops_per_s": mat_gflops,
+            "executed_matrix_flops": executed, "matrix_gflops_per_s": mat_gflops,
             "matrix_fraction_of_matmul": mat_gflops / matmul_gflops if matmul_gflops else 0.0,
             "repeats": repeats}
 
@@ -401,6 +407,12 @@ def _format_breakdowns(result: dict[str, Any]) -> list[str]:
         cells = " | ".join(f"{b['ms'][k]:.1f} ({b['share'][k]:.0%})" for k in BREAKDOWN_KEYS)
         lines.append(f"| {name} | {b['profiled_ms']:.1f} | {cells} | "
                      f"{b['matrix_gflops_per_s']:.1f} | {b['matrix_fraction_of_matmul']:.0%} |")
+    for name, b in rows.items():
+        counted, executed = result[name].get("flops"), b.get("executed_matrix_flops")
+        if counted and executed and abs(executed - counted) > 0.01 * counted:
+            lines.append(f"note: {name} ran {executed / 1e9:.2f} GFLOP of matrix products per "
+                         f"call, not the {counted / 1e9:.2f} GFLOP counted in eager mode; its "
+                         f"GFLOP/s and ratios above are off by {counted / executed - 1:+.1%}")
     return lines
 
 

@@ -91,6 +91,36 @@ def test_time_breakdown_attributes_a_call_to_its_operators():
     assert b["matrix_gflops_per_s"] == pytest.approx(
         flops / (b["ms"]["matrix_products"] / 1e3) / 1e9)
     assert b["matrix_fraction_of_matmul"] == pytest.approx(b["matrix_gflops_per_s"] / 100.0)
+    assert b["executed_matrix_flops"] == pytest.approx(flops)
+
+
+def test_breakdown_notes_when_a_compiled_call_runs_fewer_flops_than_counted():
+    """A compiled graph can merge work eager mode repeats (common subexpressions): the
+    report then says that the part's rates rest on more FLOPs than it ran."""
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(16, 64)
+
+    @torch.compile
+    def loss(x):
+        with torch.no_grad():
+            target = lin(x) + lin(x)
+        return (lin(x) * target).sum()  # the three Linears merge into one when compiled
+
+    def step():
+        loss(x).backward()
+
+    step()
+    product = 2 * 16 * 64 * 32
+    counted = bench.count_flops(step)
+    assert counted == 4 * product  # eager: three forwards and the weight gradient
+    b = bench.time_breakdown(step, flops=counted, matmul_gflops=1.0, repeats=2)
+    assert b["executed_matrix_flops"] == pytest.approx(counted / 2)
+    lines = bench._format_breakdowns({"part": {"flops": counted, "breakdown": b}})
+    assert any(line.startswith("note: part ran 0.00 GFLOP") and "+100.0%" in line
+               for line in lines)
+    b["executed_matrix_flops"] = counted
+    assert not any(line.startswith("note:") for line in
+                   bench._format_breakdowns({"part": {"flops": counted, "breakdown": b}}))
 
 
 def test_time_breakdown_sees_compiled_kernels_and_leaves_them_compiled():
