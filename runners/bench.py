@@ -156,6 +156,45 @@ def categorize(name: str) -> str:
     return "other_ops"
 
 
+def _product_flops(name: str, shapes: list) -> int | None:
+    """2mkn (times the batch) of one matrix-product event from its input shapes."""
+    try:
+        if name == "aten::mm":
+            (m, k), (_, n) = shapes[0], shapes[1]
+            return 2 * m * k * n
+        if name in ("aten::addmm", "aten::_addmm_activation"):
+            (m, k), (_, n) = shapes[1], shapes[2]
+            return 2 * m * k * n
+        if name == "aten::bmm":
+            (b, m, k), (_, _, n) = shapes[0], shapes[1]
+            return 2 * b * m * k * n
+        if name in ("aten::baddbmm", "aten::addbmm"):
+            (b, m, k), (_, _, n) = shapes[1], shapes[2]
+            return 2 * b * m * k * n
+    except (ValueError, TypeError, IndexError):
+        return None
+    return None
+
+
+def executed_matrix_flops(fn: Callable[[], Any]) -> int | None:
+    """FLOPs the matrix products of one call of `fn` really ran, from the profiled input
+    shapes, with compiled code left compiled (`count_flops` counts the eager program, and
+    a compiled graph that merges repeated work runs fewer); None where an operator's
+    FLOPs cannot be read from its shapes (convolutions)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    total = 0
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in MATRIX_OPS:
+            flops = _product_flops(e.key, e.input_shapes)
+            if flops is None:
+                return None
+            total += flops * e.count
+    return total
+
+
 def time_breakdown(fn: Callable[[], Any], *, flops: int, matmul_gflops: float,
                    repeats: int = 3) -> dict[str, Any]:
     """Where one call of `fn` spends its CPU time, from a profile of `repeats` calls.
@@ -167,29 +206,26 @@ def time_breakdown(fn: Callable[[], Any], *, flops: int, matmul_gflops: float,
     dispatch). Profiling slows the calls down, so the figures are ms per profiled call and
     shares of it. The matrix products' own rate is `flops` over their time, and its ratio
     to the matmul reference says how far they are from the machine's GEMM speed.
-    `executed_matrix_flops` is what the profiled calls' products really ran (the
-    profiler's count); compiled graphs that merge repeated work run fewer than eager
-    `count_flops` counts, and the report says so (`_format_breakdowns`).
+    `executed_matrix_flops` is what one more call's products really ran (see
+    `executed_matrix_flops`).
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(repeats):
             fn()
         wall = (time.perf_counter() - t0) / repeats
     ms = dict.fromkeys(BREAKDOWN_KEYS, 0.0)
-    executed = 0.0
     for e in prof.key_averages():
         ms[categorize(e.key)] += e.self_cpu_time_total / 1e3 / repeats
-        if e.key in MATRIX_OPS:
-            executed += (e.flops or 0) / repeats
     ms["unattributed"] = max(0.0, wall * 1e3 - sum(ms.values()))
     total = sum(ms.values())
     mat_s = ms["matrix_products"] / 1e3
     mat_gflops = flops / mat_s / 1e9 if mat_s > 0 else 0.0
     return {"profiled_ms": total, "ms": ms, "share": {k: v / total for k, v in ms.items()},
-            "executed_matrix_flops": executed, "matrix_gflops_per_s": mat_gflops,
+            "executed_matrix_flops": executed_matrix_flops(fn),
+            "matrix_gflops_per_s": mat_gflops,
             "matrix_fraction_of_matmul": mat_gflops / matmul_gflops if matmul_gflops else 0.0,
             "repeats": repeats}
 
