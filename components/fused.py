@@ -246,7 +246,7 @@ def _forward(act, h, w, b, eps, rpm, save):
     y = torch.empty_like(h)
     mean = torch.empty(R) if save else None
     rstd = torch.empty(R) if save else None
-    with torch.profiler.record_function(f"tdmpc2::layer_norm_{act}"):
+    with native.profiled(f"tdmpc2::layer_norm_{act}"):
         _library().lna_forward(_ACTS[act], h.data_ptr(), w.data_ptr(), b.data_ptr(),
                                y.data_ptr(), _ptr(mean), _ptr(rstd), R, D, rpm, eps)
     return y, mean, rstd
@@ -258,7 +258,7 @@ def _backward(act, grad, h, w, b, mean, rstd, rpm):
     members = w.numel() // D
     grad = grad.contiguous()
     gx, gw, gb = torch.empty_like(h), torch.empty_like(w), torch.empty_like(b)
-    with torch.profiler.record_function(f"tdmpc2::layer_norm_{act}_backward"):
+    with native.profiled(f"tdmpc2::layer_norm_{act}_backward"):
         status = _library().lna_backward(_ACTS[act], grad.data_ptr(), h.data_ptr(), w.data_ptr(),
                                          b.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                                          gx.data_ptr(), gw.data_ptr(), gb.data_ptr(), R, D, rpm,

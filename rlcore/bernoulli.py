@@ -193,7 +193,7 @@ def bernoulli_(out: torch.Tensor, p: float) -> torch.Tensor:
     if torch.compiler.is_compiling():
         torch.ops.tdmpc2.bernoulli_(out, p)
     elif _fast_ok(out, p):
-        with torch.profiler.record_function("tdmpc2::bernoulli_"):  # named as when compiled
+        with native.profiled("tdmpc2::bernoulli_"):  # named as when compiled
             _draw(out, p)
     else:
         out.bernoulli_(p)
