@@ -378,7 +378,7 @@ class _LinearGradCols(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                 grad_cols: tuple[int, int]) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        ctx.grad_cols, ctx.has_bias = grad_cols, b is not None
+        ctx.grad_cols = grad_cols
         return F.linear(x, w, b)
 
     @staticmethod
@@ -393,7 +393,7 @@ class _LinearGradCols(torch.autograd.Function):
             gx = gx.view(x.shape)
         if need_w:
             gw = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))
-        if need_b and ctx.has_bias:
+        if need_b:  # False without a bias
             gb = g2.sum(0)
         return gx, gw, gb, None
 
