@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from components.layers import SimNorm, init_weights, mlp
+from components.layers import Linear, SimNorm, init_weights, mlp
 from rlcore.registry import register
 from rlcore.types import EnvSpec
 
@@ -104,7 +104,7 @@ class ConvEncoder(nn.Module):
             raise ValueError(f"ConvEncoder needs images of at least 39 x 39 pixels, got "
                              f"{H} x {W}; raise DMControlVecEnv.image_size (TD-MPC2: 64)")
         self.convs = nn.Sequential(*layers, nn.Flatten())
-        self.out = nn.Linear(num_channels * sizes[0] * sizes[1], latent_dim)
+        self.out = Linear(num_channels * sizes[0] * sizes[1], latent_dim)
         self.simnorm = SimNorm(simnorm_dim)
         self.reset_parameters()
 

@@ -10,7 +10,8 @@ Speed (CPU measurements in README, Benchmarks): `mish` and `SimNorm` compute the
 functions as `F.mish` and a last-dim softmax, faster. PyTorch's CPU softmax over a last
 dimension of 8 is slow, so SimNorm softmaxes a transposed copy (groups along a strided
 dimension, vectorized across groups); Mish's forward uses one exponential instead
-of exp + log1p + tanh. On CPU, EnsembleMLP runs one GEMM per member (`_EnsembleLinear`).
+of exp + log1p + tanh. On CPU, EnsembleMLP runs one GEMM per member (`_EnsembleLinear`),
+and `Linear` layers take oneDNN's products in eager mode (`rlcore.gemm`).
 `reference_kernels()` switches all of these back to the plain PyTorch ops, which the
 tests use to show the results agree within float tolerance.
 """
@@ -25,19 +26,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from components.fused import layer_norm_mish, layer_norm_simnorm
+from rlcore import gemm
 from rlcore.bernoulli import dropout as _dropout
-
 
 _REFERENCE = False
 
 
 @contextlib.contextmanager
 def reference_kernels() -> Iterator[None]:
-    """Within this block, `mish` and `SimNorm` use the plain PyTorch ops (for tests)."""
+    """Within this block, `mish`, `SimNorm`, the fused kernels, ensembles and Linear
+    layers use the plain PyTorch ops (for tests)."""
     global _REFERENCE
     saved, _REFERENCE = _REFERENCE, True
     try:
-        yield
+        with gemm.plain():
+            yield
     finally:
         _REFERENCE = saved
 
@@ -125,12 +128,20 @@ class Dropout(nn.Dropout):
         return _dropout(x, self.p, self.training) if not self.inplace else super().forward(x)
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and state dict) whose products run through
+    `rlcore.gemm.linear`: oneDNN on CPU in eager mode, faster than MKL there."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemm.linear(x, self.weight, self.bias)
+
+
 class NormedLinear(nn.Sequential):
     """Linear -> (Dropout) -> LayerNorm -> activation (Mish unless given)."""
 
     def __init__(self, in_dim: int, out_dim: int, *, dropout: float = 0.0,
                  act: nn.Module | None = None):
-        layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+        layers: list[nn.Module] = [Linear(in_dim, out_dim)]
         if dropout:
             layers.append(Dropout(dropout))
         layers += [nn.LayerNorm(out_dim), act if act is not None else Mish()]
@@ -174,7 +185,7 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, *, out_act: nn.Module 
     if out_act is not None:
         layers.append(NormedLinear(dims[-1], out_dim, act=out_act))
     else:
-        layers.append(nn.Linear(dims[-1], out_dim))
+        layers.append(Linear(dims[-1], out_dim))
     return nn.Sequential(*layers)
 
 
@@ -192,7 +203,7 @@ def concat_mlp(net: nn.Sequential, z: torch.Tensor, a: torch.Tensor) -> torch.Te
     layer is computed as z W_z + a W_a + b, so z's share runs once per distinct latent
     instead of once per candidate; the result is the same function. When only one of z
     and a needs a gradient (a latent beside an action that is data), the first layer's
-    input gradient is computed for that part's columns only (`_LinearGradCols`).
+    input gradient is computed for that part's columns only (`rlcore.gemm.linear`).
 
     Shapes: z [..., L], a [..., A] (broadcastable) -> [broadcast(...), out].
     """
@@ -204,7 +215,7 @@ def concat_mlp(net: nn.Sequential, z: torch.Tensor, a: torch.Tensor) -> torch.Te
         cols = grad_columns(z, a)
         if cols is None:
             return net(torch.cat([z, a], -1))
-        h = _LinearGradCols.apply(torch.cat([z, a], -1), first.weight, first.bias, cols)
+        h = gemm.linear(torch.cat([z, a], -1), first.weight, first.bias, grad_cols=cols)
     else:
         h = F.linear(a, first.weight[:, L:], first.bias) + F.linear(z, first.weight[:, :L])
     mods = list(net)
@@ -261,11 +272,6 @@ def grad_columns(z: torch.Tensor, a: torch.Tensor) -> tuple[int, int] | None:
         return None
     L = z.shape[-1]
     return (0, L) if z.requires_grad else (L, L + a.shape[-1])
-
-
-def _pad_columns(g: torch.Tensor, cols: tuple[int, int], width: int) -> torch.Tensor:
-    """g [..., hi - lo] placed at columns [lo, hi) of zeros [..., width]."""
-    return F.pad(g, (cols[0], width - cols[1]))
 
 
 class _EnsembleLinear(torch.autograd.Function):
@@ -365,37 +371,8 @@ class _BatchedLinearGradCols(torch.autograd.Function):
             if need_w:
                 gw = torch.bmm(x.transpose(1, 2), grad)
         if gx is not None:
-            gx = _pad_columns(gx, (lo, hi), x.shape[-1])
+            gx = gemm.pad_columns(gx, (lo, hi), x.shape[-1])
         return gb, gx, gw, None, None
-
-
-class _LinearGradCols(torch.autograd.Function):
-    """`F.linear(x, w, b)` whose input gradient covers only the columns `grad_cols` (the
-    caller's promise, as for `_BatchedLinearGradCols`); weight and bias gradients are
-    those of `F.linear`. x [..., in], w [out, in], b [out] -> [..., out]."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                grad_cols: tuple[int, int]) -> torch.Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.grad_cols = grad_cols
-        return F.linear(x, w, b)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, w = ctx.saved_tensors
-        lo, hi = ctx.grad_cols
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        g2 = grad.reshape(-1, grad.shape[-1])  # [N, out]
-        gx = gw = gb = None
-        if need_x:
-            gx = _pad_columns(torch.mm(g2, w[:, lo:hi]), (lo, hi), x.shape[-1])
-            gx = gx.view(x.shape)
-        if need_w:
-            gw = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))
-        if need_b:  # False without a bias
-            gb = g2.sum(0)
-        return gx, gw, gb, None
 
 
 class EnsembleMLP(nn.Module):

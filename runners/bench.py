@@ -26,6 +26,7 @@ import datetime
 import functools
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -39,6 +40,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from rlcore import gemm
 from rlcore.config import load_gin
 from runners import common
 
@@ -107,9 +109,16 @@ class Matmul:
 
 
 def matmul_reference(device: torch.device, *, n: int = 2048, repeats: int = 10) -> dict[str, Any]:
-    """GFLOP/s of a plain fp32 [n, n] @ [n, n] matmul on `device`."""
+    """GFLOP/s of a plain fp32 [n, n] @ [n, n] matmul on `device`; on CPU also that of the
+    same product on oneDNN (`onednn_gflops_per_s`), which the Linear layers use there (see
+    `rlcore.gemm`) and which can be faster than the plain matmul."""
     mm = Matmul(device, n)
-    return mm.rate(time_calls(mm, repeats, device, warmup=2))
+    out = mm.rate(time_calls(mm, repeats, device, warmup=2))
+    if device.type == "cpu" and gemm.onednn_available():
+        wt = mm.b.t().contiguous()
+        dnn = time_calls(lambda: gemm.linear(mm.a, wt), repeats, device, warmup=2)
+        out["onednn_gflops_per_s"] = mm.flops / statistics.median(dnn) / 1e9
+    return out
 
 
 def time_interleaved(fn: Callable[[], Any], matmul: Matmul, repeats: int,
@@ -131,7 +140,7 @@ def time_interleaved(fn: Callable[[], Any], matmul: Matmul, repeats: int,
 MATRIX_OPS = frozenset({
     "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm",
     "aten::_addmm_activation", "aten::mkldnn_convolution", "aten::convolution_backward",
-    "aten::_scaled_mm"})
+    "aten::_scaled_mm", "mkldnn::_linear_pointwise"})  # the last: rlcore.gemm's oneDNN
 RANDOM_OPS = frozenset({
     "aten::bernoulli_", "aten::bernoulli", "aten::normal_", "aten::uniform_",
     "aten::randperm", "aten::random_", "aten::multinomial", "aten::exponential_",
@@ -171,6 +180,8 @@ def _product_flops(name: str, shapes: list) -> int | None:
         if name in ("aten::baddbmm", "aten::addbmm"):
             (b, m, k), (_, _, n) = shapes[1], shapes[2]
             return 2 * b * m * k * n
+        if name == "mkldnn::_linear_pointwise":  # x [..., in] @ w[out, in]^T
+            return 2 * math.prod(shapes[0]) * shapes[1][0]
     except (ValueError, TypeError, IndexError):
         return None
     return None
@@ -383,6 +394,15 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
 
 
 # -- output -----------------------------------------------------------------------------
+def _onednn_note(matmul: dict[str, Any]) -> str:
+    rates = [r["onednn_gflops_per_s"] for r in (matmul.get("before"), matmul.get("after"))
+             if r and "onednn_gflops_per_s" in r]
+    if not rates:
+        return ""
+    return ("; the same product on oneDNN (the CPU Linear layers' library, rlcore.gemm): "
+            + " / ".join(f"{r:.1f}" for r in rates) + " GFLOP/s (before / after the parts)")
+
+
 def format_table(result: dict[str, Any]) -> str:
     m, cfg = result["machine"], result["config"]
     mm = result["matmul"]["gflops_per_s"]
@@ -393,7 +413,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"# {m['date']} | {m.get('gpu') or m['cpu']} | {m['device']} | "
         f"{m['torch_threads']} threads | torch {m['torch']} | commit {m.get('commit')}",
         f"# fp32 matmul reference ({result['matmul']['size']}^3, timed alternately with each "
-        f"part): {mm:.1f} GFLOP/s median",
+        f"part): {mm:.1f} GFLOP/s median" + _onednn_note(result["matmul"]),
         "",
         "| part | median ms | p10-p90 ms | n | GFLOP/call | GFLOP/s | matmul GFLOP/s "
         "| of matmul |",

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from components import layers
+from rlcore import gemm
 from rlcore.types import EnvSpec
 from tests.components.test_agent import make_batch
 
@@ -223,9 +224,9 @@ def test_batched_linear_computes_the_input_gradient_of_chosen_columns(shared_inp
 
 @pytest.mark.parametrize("cols", [(4, 6), (0, 4)])
 def test_linear_computes_the_input_gradient_of_chosen_columns(cols):
-    """`_LinearGradCols` (reward, dynamics and joint auxiliary heads): columns in [lo, hi)
-    get F.linear's input gradient, the others zero, with fewer FLOPs; weight and bias
-    gradients unchanged."""
+    """`gemm.linear(grad_cols=...)` (reward, dynamics, joint auxiliary heads): columns in
+    [lo, hi) get F.linear's input gradient, the others zero, with fewer FLOPs; weight and
+    bias gradients unchanged."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
@@ -241,7 +242,7 @@ def test_linear_computes_the_input_gradient_of_chosen_columns(cols):
         return out, counter.get_total_flops()
 
     full, full_flops = grads(lambda: F.linear(x, w, b))
-    part, part_flops = grads(lambda: layers._LinearGradCols.apply(x, w, b, cols))
+    part, part_flops = grads(lambda: gemm.linear(x, w, b, grad_cols=cols))
     torch.testing.assert_close(part[0][..., lo:hi], full[0][..., lo:hi])
     rest = torch.cat([part[0][..., :lo], part[0][..., hi:]], -1)
     assert rest.abs().sum() == 0 and full[0].abs().sum() > 0
