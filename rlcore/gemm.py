@@ -1,9 +1,10 @@
 """Linear layers' matrix products on CPU through oneDNN, where it is faster than MKL.
 
-torch runs a float32 `F.linear` / `torch.mm` on CPU with MKL. On the AMD EPYC (Zen 4,
-AVX-512) machine in the README, MKL takes its generic AVX2 kernels, and oneDNN's
-AVX-512 matmul (which torch ships for its own fused inference kernels, as
-`torch.ops.mkldnn._linear_pointwise`) ran the same products 8-16% faster: 2048^3 at
+torch runs a float32 `F.linear` / `torch.mm` on CPU with MKL. On the AMD EPYC machine
+(with AVX-512) in the README, MKL's sgemm takes its generic Zen code path
+(`mkl_blas_def_sgemm_kernel_0_zen` in a profile), and oneDNN's AVX-512 matmul
+(`brg_matmul:avx512_core`; torch ships it for its own fused inference kernels, as
+`torch.ops.mkldnn._linear_pointwise`) ran the same products 8-13% faster: 2048^3 at
 211.7 vs 192.5 GFLOP/s, [768, 512] x [512, 512] at 213.1 vs 196.7, [768, 512] x [512, 101]
 at 177.6 vs 157.8. Its results differ from MKL's by float32 rounding only (about 1e-6
 relative), do not depend on the thread count, and are the same from call to call.
