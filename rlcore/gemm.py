@@ -110,6 +110,7 @@ class _Linear(torch.autograd.Function):
         return _product(x, w, b)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, w = ctx.saved_tensors
         lo, hi = ctx.grad_cols or (0, x.shape[-1])
