@@ -16,11 +16,13 @@ vs 162.2 GFLOP/s). With `grad_cols = (lo, hi)`, only input columns lo..hi-1 get 
 gradient (the caller's promise that the others feed nothing that needs one; see
 `components.layers.grad_columns`) and the rest are zeros.
 
-oneDNN is used for float32 CPU tensors in eager mode. Under torch.compile, on other
-devices and dtypes, with `TDMPC2_ONEDNN=0`, inside `plain()`, or where this torch has no
-such op, the same function runs with torch's own products. `FlopCounterMode` counts the
-oneDNN op like `addmm` (a formula is registered here), so benchmark FLOP counts do not
-depend on which library ran.
+oneDNN is used for float32 CPU tensors in eager mode on AMD x86 CPUs with AVX-512, the
+kind of machine where it was measured faster; `TDMPC2_ONEDNN=1` turns it on on other
+CPUs (Intel's MKL takes AVX-512 kernels itself there; elsewhere it is untested) and
+`TDMPC2_ONEDNN=0` off everywhere. Under torch.compile, on other devices and dtypes,
+inside `plain()`, or where this torch has no such op, the same function runs with torch's
+own products. `FlopCounterMode` counts the oneDNN op like `addmm` (a formula is
+registered here), so benchmark FLOP counts do not depend on which library ran.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import contextlib
 import functools
 import math
 import os
+import platform
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -63,6 +67,25 @@ def onednn_available() -> bool:
         return False
 
 
+@functools.cache
+def _measured_kind_of_cpu() -> bool:
+    """An AMD x86 CPU with AVX-512 (from /proc/cpuinfo), where oneDNN beat MKL."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "AuthenticAMD" in info and " avx512f" in info
+
+
+def _switched_on() -> bool:
+    setting = os.environ.get("TDMPC2_ONEDNN", "")
+    if setting == "0" or not (setting == "1" or _measured_kind_of_cpu()):
+        return False
+    return onednn_available()
+
+
 @contextlib.contextmanager
 def plain() -> Iterator[None]:
     """Within this block, `linear` uses torch's own products (for tests and references)."""
@@ -78,8 +101,7 @@ def uses_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether a product of `x` by `w` (or `w.t()`) runs on oneDNN here."""
     return (not _DISABLED and x.device.type == "cpu" and x.dtype == torch.float32
             and w.dtype == torch.float32 and w.dim() == 2 and x.dim() >= 1
-            and not torch.compiler.is_compiling()
-            and os.environ.get("TDMPC2_ONEDNN", "1") != "0" and onednn_available())
+            and not torch.compiler.is_compiling() and _switched_on())
 
 
 def _product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

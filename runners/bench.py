@@ -109,13 +109,13 @@ class Matmul:
 
 
 def matmul_reference(device: torch.device, *, n: int = 2048, repeats: int = 10) -> dict[str, Any]:
-    """GFLOP/s of a plain fp32 [n, n] @ [n, n] matmul on `device`; on CPU also that of the
-    same product on oneDNN (`onednn_gflops_per_s`), which the Linear layers use there (see
-    `rlcore.gemm`) and which can be faster than the plain matmul."""
+    """GFLOP/s of a plain fp32 [n, n] @ [n, n] matmul on `device`; where the Linear layers
+    take oneDNN (CPU, see `rlcore.gemm`) also that of the same product on oneDNN
+    (`onednn_gflops_per_s`), which can be faster than the plain matmul."""
     mm = Matmul(device, n)
     out = mm.rate(time_calls(mm, repeats, device, warmup=2))
-    if device.type == "cpu" and gemm.onednn_available():
-        wt = mm.b.t().contiguous()
+    wt = mm.b.t().contiguous()
+    if device.type == "cpu" and gemm.uses_onednn(mm.a, wt):
         dnn = time_calls(lambda: gemm.linear(mm.a, wt), repeats, device, warmup=2)
         out["onednn_gflops_per_s"] = mm.flops / statistics.median(dnn) / 1e9
     return out

@@ -13,6 +13,12 @@ needs_onednn = pytest.mark.skipif(not gemm.onednn_available(),
                                   reason="this torch has no usable oneDNN linear op")
 
 
+@pytest.fixture(autouse=True)
+def _onednn_on(monkeypatch):
+    """oneDNN on whatever CPU runs the tests (by default only on AMD x86 with AVX-512)."""
+    monkeypatch.setenv("TDMPC2_ONEDNN", "1")
+
+
 def _weights(kind: str, out: int, inp: int) -> torch.Tensor:
     """w [out, in] laid out as the callers pass it: contiguous, a transposed contiguous
     tensor (ensemble weights [in, out] seen as [out, in]), or a column slice with gaps
@@ -90,7 +96,7 @@ def test_linear_gradients_equal_f_linear(cols, onednn):
 
 def test_plain_and_the_environment_switch_give_torch_products(monkeypatch):
     """Inside `plain()`, with TDMPC2_ONEDNN=0 and for other dtypes the result is
-    F.linear's own, bit for bit."""
+    F.linear's own, bit for bit; by default oneDNN is on only on AMD x86 with AVX-512."""
     torch.manual_seed(0)
     x, w, b = torch.randn(7, 13), torch.randn(9, 13), torch.randn(9)
     with gemm.plain():
@@ -99,7 +105,9 @@ def test_plain_and_the_environment_switch_give_torch_products(monkeypatch):
     monkeypatch.setenv("TDMPC2_ONEDNN", "0")
     assert not gemm.uses_onednn(x, w)
     assert torch.equal(gemm.linear(x, w, b), F.linear(x, w, b))
+    monkeypatch.setenv("TDMPC2_ONEDNN", "1")
     monkeypatch.delenv("TDMPC2_ONEDNN")
+    assert gemm.uses_onednn(x, w) == (gemm._measured_kind_of_cpu() and gemm.onednn_available())
     xd, wd, bd = x.double(), w.double(), b.double()
     assert not gemm.uses_onednn(xd, wd)
     assert torch.equal(gemm.linear(xd, wd, bd), F.linear(xd, wd, bd))
