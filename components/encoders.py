@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from components.layers import Linear, SimNorm, init_weights, mlp
+from rlcore import draws
 from rlcore.registry import register
 from rlcore.types import EnvSpec
 
@@ -49,7 +50,7 @@ def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
     """
     N, C, H, W = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")  # [N, C, H+2p, W+2p]
-    shift = torch.randint(0, 2 * pad + 1, (2, N, 1), device=x.device)  # [2, N, 1]
+    shift = draws.randint(0, 2 * pad + 1, (2, N, 1), device=x.device)  # [2, N, 1]
     rows = shift[0] + torch.arange(H, device=x.device)  # [N, H]
     cols = shift[1] + torch.arange(W, device=x.device)  # [N, W]
     x = padded.gather(2, rows[:, None, :, None].expand(N, C, H, W + 2 * pad))  # [N, C, H, W+2p]

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from components.layers import (EnsembleMLP, broadcast_pair, concat_mlp, grad_columns, init_weights,
                                mlp, zero_last_linear)
+from rlcore import draws
 from rlcore import math as rmath
 from rlcore.registry import register
 
@@ -101,7 +102,7 @@ class TanhGaussianPolicyHead(nn.Module):
         """An action and its info from a `trunk` output (draws the noise)."""
         mean, raw_log_std = out.chunk(2, dim=-1)  # [..., A] each
         log_std = rmath.log_std_squash(raw_log_std, self.log_std_min, self.log_std_max)
-        eps = torch.zeros_like(mean) if deterministic else torch.randn_like(mean)
+        eps = torch.zeros_like(mean) if deterministic else draws.randn_like(mean)
         log_prob = rmath.gaussian_logprob(eps, log_std)  # [..., 1]
         scaled_entropy = -log_prob * self.action_dim  # [..., 1]
         action = mean + eps * log_std.exp()

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from components.layers import broadcast_pair, grad_columns
+from rlcore import draws
 from rlcore import math as rmath
 from rlcore.registry import register
 from rlcore.types import EnvSpec
@@ -200,7 +201,7 @@ class WorldModel(nn.Module):
             return net(x, **kwargs)
         # Two members: both, in order (min and mean are symmetric), with no draw; inductor
         # (torch 2.13) fails to compile a permutation indexing a dimension of its length.
-        members = (torch.randperm(self.num_q, device=x.device)[:2] if self.num_q > 2
+        members = (draws.randperm(self.num_q, device=x.device)[:2] if self.num_q > 2
                    else None)
         if detach:
             params = {k: v.detach() for k, v in net.named_parameters()}

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rlcore import native
+from rlcore import draws, native
 
 __all__ = ["bernoulli_", "dropout", "fast_bernoulli_available"]
 
@@ -177,9 +177,9 @@ def _draw(out: torch.Tensor, p: float) -> None:
     torch.set_rng_state(state)
 
 
-@torch.library.custom_op("tdmpc2::bernoulli_", mutates_args=("out",),
+@torch.library.custom_op("tdmpc2::bernoulli_", mutates_args=("out", "token"),
                          tags=(torch.Tag.nondeterministic_seeded,))
-def _bernoulli_op(out: torch.Tensor, p: float) -> None:
+def _bernoulli_op(out: torch.Tensor, p: float, token: torch.Tensor) -> None:
     """`out.bernoulli_(p)` from the default generator, as an op that compiled graphs call."""
     if _fast_ok(out, p):
         _draw(out, p)
@@ -191,7 +191,7 @@ def bernoulli_(out: torch.Tensor, p: float) -> torch.Tensor:
     """`out.bernoulli_(p)` with the default generator: the same values and the same
     generator state afterwards, drawn by the vectorized kernel where it applies."""
     if torch.compiler.is_compiling():
-        torch.ops.tdmpc2.bernoulli_(out, p)
+        torch.ops.tdmpc2.bernoulli_(out, p, draws.token())
     elif _fast_ok(out, p):
         with native.profiled("tdmpc2::bernoulli_"):  # named as when compiled
             _draw(out, p)

@@ -144,7 +144,9 @@ MATRIX_OPS = frozenset({
 RANDOM_OPS = frozenset({
     "aten::bernoulli_", "aten::bernoulli", "aten::normal_", "aten::uniform_",
     "aten::randperm", "aten::random_", "aten::multinomial", "aten::exponential_",
-    "tdmpc2::bernoulli_"})  # rlcore.bernoulli's draw, as compiled graphs call it
+    "tdmpc2::bernoulli_",  # rlcore.bernoulli's draw, as compiled graphs call it
+    "tdmpc2::randn", "tdmpc2::randperm", "tdmpc2::randint", "tdmpc2::multinomial"})
+# (the last four: rlcore.draws, as compiled CPU graphs call them)
 COMPILED_PREFIXES = ("## Call CompiledFxGraph", "graph_", "cpp_fused", "triton_",
                      "tdmpc2::layer_norm_")  # components.fused's C kernels
 OPTIMIZER_PREFIXES = ("aten::_fused_adam", "aten::_foreach_", "aten::lerp", "Optimizer.")

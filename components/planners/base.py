@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from rlcore import draws
+
 
 class PopulationPlanner:
     """Shared sampling, scoring, warm start and action selection.
@@ -150,7 +152,7 @@ class PopulationPlanner:
         z1 = z.unsqueeze(1)  # [E, 1, L]: every candidate starts from the env's latent
         std = torch.full_like(mean, self.max_std)  # [E, H, A]
         for _ in range(self.iterations):
-            noise = torch.randn(H, E, N - P, A, device=device)
+            noise = draws.randn(H, E, N - P, A, device=device)
             sample = mean.transpose(0, 1).unsqueeze(2) + std.transpose(0, 1).unsqueeze(2) * noise
             actions = sample.clamp(-1, 1)  # [H, E, N-P, A]
             if pi_actions is not None:
@@ -165,11 +167,11 @@ class PopulationPlanner:
         if eval_mode and self.deterministic_eval:
             pick = elite_scores.argmax(dim=1)  # [E]
         else:
-            pick = torch.multinomial(weights, 1).squeeze(1)  # [E]
+            pick = draws.multinomial(weights, 1).squeeze(1)  # [E]
         chosen = elite_actions[:, torch.arange(E, device=device), pick]  # [H, E, A]
         a = chosen[0]  # [E, A]
         if not eval_mode:
-            a = a + std[:, 0] * torch.randn(E, A, device=device)
+            a = a + std[:, 0] * draws.randn(E, A, device=device)
         stats = {
             "chosen_value": elite_scores.gather(1, pick.unsqueeze(1)).mean(),
             "elite_mean": elite_scores.mean(),

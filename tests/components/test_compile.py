@@ -49,7 +49,18 @@ def _compare(device, **switches):
 
 
 @pytest.mark.slow
-def test_compiled_agent_matches_eager_on_cpu():
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_compiled_agent_matches_eager_on_cpu(monkeypatch, onednn):
+    """With the products on torch's own kernels and on oneDNN's (`rlcore.gemm`, custom ops
+    in the graph, whose random draws `rlcore.draws` keeps in program order)."""
+    import torch._dynamo
+
+    from rlcore import gemm
+
+    if onednn == "1" and not gemm.onednn_available():
+        pytest.skip("this torch has no usable oneDNN linear op")
+    monkeypatch.setenv("TDMPC2_ONEDNN", onednn)
+    torch._dynamo.reset()  # the switch is read when a graph is traced
     _compare("cpu", compile=True)
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import components.layers as layers
 from components.layers import EnsembleMLP, NormedLinear
 from rlcore import bernoulli as B
+from rlcore import draws
 from rlcore import native
 
 
@@ -103,12 +104,13 @@ def test_ensemble_and_normed_linear_dropout_unchanged(monkeypatch):
 
 
 def test_compiled_draws_keep_their_order_and_are_never_merged():
-    """Two masks of the same tensor and a normal draw between them, compiled, give what
-    eager F.dropout gives: no draw merged with another, none reordered or recomputed."""
+    """Two masks of the same tensor and a normal draw between them (`rlcore.draws`, as the
+    framework's compiled code draws), compiled, give what eager F.dropout gives: no draw
+    merged with another, none reordered or recomputed."""
 
     def f(x):
         a = B.dropout(x, 0.25)
-        n = torch.randn(x.shape)
+        n = draws.randn(*x.shape)
         b = B.dropout(x, 0.25)
         return (a * b + n).sum(), a, b
 

@@ -63,6 +63,7 @@ def test_categorize_puts_operators_in_their_category():
     assert bench.categorize("aten::baddbmm") == "matrix_products"
     assert bench.categorize("aten::bernoulli_") == "random_draws"
     assert bench.categorize("tdmpc2::bernoulli_") == "random_draws"  # rlcore.bernoulli
+    assert bench.categorize("tdmpc2::randn") == "random_draws"  # rlcore.draws
     assert bench.categorize("## Call CompiledFxGraph fabc ##") == "compiled_kernels"
     assert bench.categorize("tdmpc2::layer_norm_mish_backward") == "compiled_kernels"
     assert bench.categorize("aten::_fused_adam_") == "optimizer_ema"
