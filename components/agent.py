@@ -33,8 +33,9 @@ def _sum_losses(td: TensorDict) -> torch.Tensor:
 def compile_networks(model: nn.Module, *, mode: str | None = None) -> None:
     """Compile each network of `model` (its direct submodules) in place.
 
-    Random draws inside compiled code fall back to eager PyTorch's generator, so compiled
-    and eager runs with one seed draw the same numbers.
+    Random draws inside compiled code fall back to eager PyTorch's generator and (on CPU)
+    keep their program order (`rlcore.draws`), so compiled and eager runs with one seed
+    draw the same numbers.
     """
     import torch._dynamo
     import torch._inductor.config
@@ -95,8 +96,9 @@ class TDMPC2Agent:
             module in place, so parameter names and checkpoints are unchanged), the
             planner's whole search as one graph (its `compile()`, where it has one), and
             each update's model-side and policy losses as one graph each. Random
-            draws inside compiled code use eager PyTorch's generator, so a seed gives the
-            same outputs as eager, within float tolerance. The first calls are slow.
+            draws inside compiled code use eager PyTorch's generator, in program order
+            on CPU (`rlcore.draws`), so a seed gives the same outputs as eager, within
+            float tolerance. The first calls are slow.
         cuda_graphs: with `compile`, also capture the compiled networks as CUDA graphs
             (torch.compile's `reduce-overhead` mode), removing per-kernel launch cost.
             Needs a CUDA device.

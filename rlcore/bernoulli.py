@@ -20,8 +20,9 @@ Python thread (nothing in this framework draws from two threads at once).
 
 `dropout(x, p)` is `F.dropout` (training) with the mask drawn here; on CPU in eager mode
 its output and gradients equal `F.dropout`'s bit for bit. Under torch.compile the draw is
-the custom op `tdmpc2::bernoulli_` (opaque to the compiler, never merged or recomputed),
-and the scaling is left to inductor to fuse. CUDA tensors, other dtypes and strided
+the custom op `tdmpc2::bernoulli_` (opaque to the compiler, never merged or recomputed,
+and kept in program order with the other draws by `rlcore.draws`' token), and the
+scaling is left to inductor to fuse. CUDA tensors, other dtypes and strided
 tensors take PyTorch's path unchanged (the draw always uses the default CPU generator).
 """
 
