@@ -21,11 +21,11 @@ where it was measured faster; `TDMPC2_ONEDNN=1` turns it on on other CPUs (Intel
 takes AVX-512 kernels itself there; elsewhere it is untested) and `TDMPC2_ONEDNN=0` off
 everywhere (read when a graph is traced, for compiled code). On other devices and dtypes,
 inside `plain()`, or where this torch has no such op, the same function runs with torch's
-own products. Compiled graphs call the products as custom ops (`tdmpc2::linear`, whose
-backward takes the input gradient from `tdmpc2::linear_product`); inductor would
-otherwise lower oneDNN's op for weights it packed itself, which it does only for
-inference with frozen weights. Products as opaque ops leave inductor freer to reorder
-the graph, so every random draw in compiled code is ordered by `rlcore.draws`.
+own products. Compiled graphs call the products as the custom op `tdmpc2::linear`, with
+the same autograd function around it; inductor would otherwise lower oneDNN's op for
+weights it packed itself, which it does only for inference with frozen weights. Products
+as opaque ops leave inductor freer to reorder the graph, so every random draw in
+compiled code is ordered by `rlcore.draws`.
 `FlopCounterMode` counts the oneDNN op like `addmm` (a formula is registered here), so
 benchmark FLOP counts do not depend on which library ran.
 """
@@ -118,33 +118,17 @@ def uses_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def _product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] @ w[out, in]^T (+ b [out]), no autograd; w may be a strided view."""
-    if uses_onednn(x, w) and x.is_contiguous():
-        return _dense_product(x, w, b)
+    if uses_onednn(x, w):
+        if torch.compiler.is_compiling():
+            return torch.ops.tdmpc2.linear(x, w, b)
+        if x.is_contiguous():
+            return _dense_product(x, w, b)
     return F.linear(x, w, b)
 
 
 def pad_columns(g: torch.Tensor, cols: tuple[int, int], width: int) -> torch.Tensor:
     """g [..., hi - lo] placed at columns [lo, hi) of zeros [..., width]."""
     return F.pad(g, (cols[0], width - cols[1]))
-
-
-def _gradients(grad, x, w, grad_cols, needs, product):
-    """The gradients of x @ w^T + b for the inputs `needs` marks (None for the others):
-    the input gradient by `product(g, w^T)` (columns `grad_cols` only), the weight
-    gradient on torch's mm."""
-    lo, hi = grad_cols or (0, x.shape[-1])
-    g2 = grad.reshape(-1, grad.shape[-1])  # [N, out]
-    gx = gw = gb = None
-    if needs[0]:
-        gx = product(g2, w[:, lo:hi].t())  # [N, hi - lo]
-        if (lo, hi) != (0, x.shape[-1]):
-            gx = pad_columns(gx, (lo, hi), x.shape[-1])
-        gx = gx.view(x.shape)
-    if needs[1]:
-        gw = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))
-    if needs[2]:  # False without a bias
-        gb = g2.sum(0)
-    return gx, gw, gb
 
 
 class _Linear(torch.autograd.Function):
@@ -162,8 +146,19 @@ class _Linear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, w = ctx.saved_tensors
-        gx, gw, gb = _gradients(grad, x, w, ctx.grad_cols, ctx.needs_input_grad[:3],
-                                lambda g, wt: _product(g, wt, None))
+        lo, hi = ctx.grad_cols or (0, x.shape[-1])
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g2 = grad.reshape(-1, grad.shape[-1])  # [N, out]
+        gx = gw = gb = None
+        if need_x:
+            gx = _product(g2, w[:, lo:hi].t(), None)  # [N, hi - lo]
+            if (lo, hi) != (0, x.shape[-1]):
+                gx = pad_columns(gx, (lo, hi), x.shape[-1])
+            gx = gx.view(x.shape)
+        if need_w:
+            gw = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))
+        if need_b:  # False without a bias
+            gb = g2.sum(0)
         return gx, gw, gb, None
 
 
@@ -177,54 +172,25 @@ def _dense_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
-# Compiled graphs call the products as custom ops: inductor's own lowering of the oneDNN
-# op expects weights it packed itself (inference with frozen weights only).
-@torch.library.custom_op("tdmpc2::linear", mutates_args=())
-def _linear_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, lo: int,
-               hi: int) -> torch.Tensor:
-    """`linear(x, w, b, grad_cols=(lo, hi) if lo >= 0 else None)` on oneDNN."""
-    return _dense_product(x.contiguous(), w, b)
+# Compiled graphs call the product as the op `tdmpc2::linear` (inductor's own lowering of
+# oneDNN's op expects weights it packed itself, for inference with frozen weights only).
+# It has no autograd formula of its own: `_Linear`, traced into the graph, gives the
+# gradients. Registered with the low-level library API, whose Python kernel costs about
+# 2 us per call here against about 13 us through `torch.library.custom_op`'s wrappers.
+_LIB = torch.library.Library("tdmpc2", "FRAGMENT")
+_LIB.define("linear(Tensor x, Tensor w, Tensor? b) -> Tensor")
+_LIB.impl("linear", lambda x, w, b: _dense_product(x.contiguous(), w, b), "CPU")
 
 
-@_linear_op.register_fake
-def _(x, w, b, lo, hi):
+@torch.library.register_fake("tdmpc2::linear")
+def _(x, w, b):
     return x.new_empty(*x.shape[:-1], w.shape[0])
-
-
-@torch.library.custom_op("tdmpc2::linear_product", mutates_args=())
-def _product_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w^T on oneDNN, no autograd (the input gradient of `tdmpc2::linear`)."""
-    return _dense_product(x.contiguous(), w, None)
-
-
-@_product_op.register_fake
-def _(x, w):
-    return x.new_empty(*x.shape[:-1], w.shape[0])
-
-
-def _linear_op_setup(ctx, inputs, output) -> None:
-    x, w, b, lo, hi = inputs
-    ctx.save_for_backward(x, w)
-    ctx.cols = (lo, hi) if lo >= 0 else None
-
-
-def _linear_op_backward(ctx, grad: torch.Tensor):
-    x, w = ctx.saved_tensors
-    gx, gw, gb = _gradients(grad, x, w, ctx.cols, ctx.needs_input_grad[:3],
-                            torch.ops.tdmpc2.linear_product)
-    return gx, gw, gb, None, None
-
-
-_linear_op.register_autograd(_linear_op_backward, setup_context=_linear_op_setup)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
            grad_cols: tuple[int, int] | None = None) -> torch.Tensor:
     """`F.linear(x, w, b)`: x [..., in], w [out, in] (a strided view is fine), b [out]
     -> [..., out]; on oneDNN where `uses_onednn` says so. `grad_cols`: see the module."""
-    if torch.compiler.is_compiling() and uses_onednn(x, w):
-        lo, hi = grad_cols or (-1, -1)
-        return torch.ops.tdmpc2.linear(x, w, b, lo, hi)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
     if not needs_grad:
