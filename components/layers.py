@@ -10,8 +10,9 @@ Speed (CPU measurements in README, Benchmarks): `mish` and `SimNorm` compute the
 functions as `F.mish` and a last-dim softmax, faster. PyTorch's CPU softmax over a last
 dimension of 8 is slow, so SimNorm softmaxes a transposed copy (groups along a strided
 dimension, vectorized across groups); Mish's forward uses one exponential instead
-of exp + log1p + tanh. On CPU, EnsembleMLP runs one GEMM per member (`_EnsembleLinear`),
-and `Linear` layers take oneDNN's products in eager mode (`rlcore.gemm`).
+of exp + log1p + tanh. On CPU, EnsembleMLP runs one GEMM per member (`_EnsembleLinear`;
+without autograd and with oneDNN, each member's layers on its own tensors), and `Linear`
+layers take oneDNN's products (`rlcore.gemm`).
 `reference_kernels()` switches all of these back to the plain PyTorch ops, which the
 tests use to show the results agree within float tolerance.
 """
@@ -434,6 +435,10 @@ class EnsembleMLP(nn.Module):
         lead = x.shape[:-1]
         h = x.reshape(1, -1, x.shape[-1])  # [1, N, in]
         idx = _member_list(members, self.num_members, x)
+        if (idx is not None and not torch.is_grad_enabled()
+                and not (self.dropout and self.training) and gemm.uses_onednn(h, self.w0[0].t())):
+            out = self._members_without_grad(h[0], idx)  # [m, N, out], planning, TD targets
+            return out.view(out.shape[0], *lead, out.shape[-1])
         compiled_cpu = x.device.type == "cpu" and torch.compiler.is_compiling()
         for i in range(self.num_layers):
             w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}")
@@ -466,6 +471,24 @@ class EnsembleMLP(nn.Module):
                 y = None if _REFERENCE else layer_norm_mish(h, ln_w, ln_b)  # fused, CPU
                 h = y if y is not None else mish(torch.addcmul(ln_b, F.layer_norm(h, h.shape[-1:]), ln_w))
         return h.reshape(h.shape[0], *lead, h.shape[-1])  # [M, ..., out]
+
+    def _members_without_grad(self, x: torch.Tensor, idx: tuple[int, ...]) -> torch.Tensor:
+        """The members idx on x [N, in], without autograd, each member's layers on its own
+        tensors: oneDNN's products add the bias themselves, where an `addmm` into a slice
+        of the stacked output first copies the broadcast bias into it (1 MB per member
+        and layer in E=1 planning). Only the last layer's outputs are stacked.
+        -> [m, N, out]"""
+        hs = [x] * len(idx)
+        for i in range(self.num_layers):
+            w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}")
+            hs = [gemm.linear(h, w[m].t(), b[m].view(-1)) for h, m in zip(hs, idx)]
+            if i < self.num_layers - 1:
+                ln_w, ln_b = getattr(self, f"ln_w{i}"), getattr(self, f"ln_b{i}")
+                for j, m in enumerate(idx):
+                    y = layer_norm_mish(hs[j], ln_w[m].view(-1), ln_b[m].view(-1))
+                    hs[j] = y if y is not None else mish(
+                        F.layer_norm(hs[j], hs[j].shape[-1:], ln_w[m].view(-1), ln_b[m].view(-1)))
+        return torch.stack(hs)
 
     def extra_repr(self) -> str:
         return f"members={self.num_members}, dims={self.dims}, dropout={self.dropout}"

@@ -88,6 +88,35 @@ def test_ensemble_per_member_gemms_match_the_batched_matmul(members):
         assert gp["w0"][2].abs().sum() == 0 and gp["b1"][1].abs().sum() == 0
 
 
+@pytest.mark.parametrize("members", [None, [3, 0], [4, 1, 2, 0, 3]])
+@pytest.mark.parametrize("lead", [(6,), (2, 1, 3)])
+def test_ensemble_without_gradients_on_onednn_matches_the_batched_matmul(monkeypatch, members,
+                                                                         lead):
+    """Without autograd (planning, TD targets) and with oneDNN's products, each member runs
+    its own layers; the batched matmul of the reference kernels gives the same values."""
+    from rlcore import gemm
+
+    if not gemm.onednn_available():
+        pytest.skip("this torch has no usable oneDNN linear op")
+    monkeypatch.setenv("TDMPC2_ONEDNN", "1")
+    torch.manual_seed(0)
+    net = layers.EnsembleMLP(5, 12, [16, 16], 7, dropout=0.1).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(*lead, 12)
+    idx = None if members is None else torch.tensor(members)
+    calls = []
+    monkeypatch.setattr(net, "_members_without_grad",
+                        lambda *a, f=net._members_without_grad: calls.append(1) or f(*a))
+    with torch.no_grad():
+        out = net(x, idx)
+        assert calls, "the per-member path without gradients was not taken"
+        with layers.reference_kernels():
+            ref = net(x, idx)
+    assert out.shape == ref.shape == (5 if members is None else len(members), *lead, 7)
+    torch.testing.assert_close(out, ref)
+
+
 def test_ensemble_linear_gradient_is_exact_in_double_precision():
     w = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 1, 5, dtype=torch.float64, requires_grad=True)
