@@ -38,6 +38,10 @@ def test_eager_draws_are_torchs():
 @pytest.mark.slow
 @pytest.mark.parametrize("onednn", ["0", "1"])
 def test_compiled_draws_match_eager_in_order(monkeypatch, onednn):
+    """Every kind of draw, compiled, gives eager's numbers and leaves the generator where
+    eager leaves it. (Inductor does not reorder this small graph even without the token;
+    the graph it did reorder, the agent's update with oneDNN products, is covered by
+    tests/components/test_compile.py, which fails without the token.)"""
     monkeypatch.setenv("TDMPC2_ONEDNN", onednn)
     torch._dynamo.reset()
     saved = torch._inductor.config.fallback_random
