@@ -18,6 +18,7 @@ import torch.nn as nn
 from tensordict import TensorDict
 
 from components.losses import RunningScale
+from rlcore import draws
 from rlcore import math as rmath
 from rlcore.registry import register
 from rlcore.types import ACTION, OBS, REWARD, TERMINATED, EnvSpec
@@ -41,6 +42,9 @@ def compile_networks(model: nn.Module, *, mode: str | None = None) -> None:
     import torch._inductor.config
 
     torch._inductor.config.fallback_random = True
+    for p in model.parameters():  # the token that orders the draws, made before tracing
+        draws.token(p.device)
+        break
     # Planning, evaluation and updates call the same networks on several batch shapes.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for module in model.children():
@@ -168,6 +172,11 @@ class TDMPC2Agent:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
 
+    def _kept(self, terms: TensorDict) -> TensorDict:
+        """Detached loss terms to return; copies under CUDA graphs, whose outputs the next
+        step's replay overwrites."""
+        return terms.detach().clone() if self.cuda_graphs else terms.detach()
+
     # -- acting -----------------------------------------------------------------------
     @torch.no_grad()
     def act(self, obs: torch.Tensor, is_first: torch.Tensor, *, eval_mode: bool = False,
@@ -276,7 +285,7 @@ class TDMPC2Agent:
             out["stats/grad_norm_model"] = clip_grad_norm(
                 list(self.model.model_parameters()), self.grad_clip_norm)
             self.model_optim.step()
-            out.update(model_terms.detach().to_dict())
+            out.update(self._kept(model_terms).to_dict())
             out["loss_total"] = model_total.detach()
         # Policy update
         pi_terms = TensorDict(self._policy_forward(zs), batch_size=[])
@@ -285,7 +294,7 @@ class TDMPC2Agent:
         out["stats/grad_norm_policy"] = clip_grad_norm(
             list(self.model.module_groups()["policy"].parameters()), self.grad_clip_norm)
         self.pi_optim.step()
-        out.update(pi_terms.detach().to_dict())
+        out.update(self._kept(pi_terms).to_dict())
         # Target and EMA copies
         groups = ["policy"] if pathway == "policy" else None
         self.model.soft_update_targets(self.tau, groups)

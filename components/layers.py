@@ -46,6 +46,18 @@ def reference_kernels() -> Iterator[None]:
         _REFERENCE = saved
 
 
+def _compiled_off_cpu(x: torch.Tensor) -> bool:
+    """Whether `x` is traced by torch.compile for a device other than the CPU. There
+    `mish` and `grad_columns` give way to plain ops, whose forward and backward inductor
+    fuses itself (the hand-written gradients save CPU time). On CUDA (H100, torch 2.11)
+    graphs compiled with `_MishFunction` returned zero gradients for every parameter
+    upstream of a Mish (encoder, Q ensemble, dynamics' hidden layers) while the losses
+    were right, and eager CUDA matched the reference kernels; with plain Mish the
+    compiled gradients matched eager, with or without the grad-column functions. The
+    GPU tests in tests/components/test_compile.py ran with both replaced."""
+    return x.device.type != "cpu" and torch.compiler.is_compiling()
+
+
 def _fast_mish(x: torch.Tensor) -> torch.Tensor:
     # d = (e + 1)^2 + 1 = e (e + 2) + 2; mish = x (1 - 2 / d), in place on one buffer
     # (a fused addcdiv measured several times slower on CPU).
@@ -84,7 +96,7 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     n / (n + 2): one exponential and in-place arithmetic, finite for any finite x (e^x =
     inf gives x, e^x = 0 gives 0). With autograd, see `_MishFunction`.
     """
-    if _REFERENCE or x.dtype not in (torch.float32, torch.float64):
+    if _REFERENCE or x.dtype not in (torch.float32, torch.float64) or _compiled_off_cpu(x):
         return F.mish(x)
     if x.requires_grad and torch.is_grad_enabled():
         return _MishFunction.apply(x)
@@ -268,8 +280,10 @@ def grad_columns(z: torch.Tensor, a: torch.Tensor) -> tuple[int, int] | None:
     """The columns of cat([z, a], -1) whose input gradient is needed, when only one of
     the two parts needs one: (0, L) for a latent that needs a gradient beside an action
     that is data (model losses), (L, L + A) for an action beside a detached latent (the
-    policy loss). None when both or neither need one, or outside autograd."""
-    if not torch.is_grad_enabled() or z.requires_grad == a.requires_grad:
+    policy loss). None when both or neither need one, outside autograd, or in graphs
+    compiled for another device than the CPU (see `_compiled_off_cpu`)."""
+    if (not torch.is_grad_enabled() or z.requires_grad == a.requires_grad
+            or _compiled_off_cpu(z)):
         return None
     L = z.shape[-1]
     return (0, L) if z.requires_grad else (L, L + a.shape[-1])

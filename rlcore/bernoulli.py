@@ -22,8 +22,9 @@ Python thread (nothing in this framework draws from two threads at once).
 its output and gradients equal `F.dropout`'s bit for bit. Under torch.compile the draw is
 the custom op `tdmpc2::bernoulli_` (opaque to the compiler, never merged or recomputed,
 and kept in program order with the other draws by `rlcore.draws`' token), and the
-scaling is left to inductor to fuse. CUDA tensors, other dtypes and strided
-tensors take PyTorch's path unchanged (the draw always uses the default CPU generator).
+scaling is left to inductor to fuse. On CUDA the mask is `Tensor.bernoulli_`'s, from
+the CUDA generator, drawn the same way in eager and compiled code; other dtypes and
+strided tensors take F.dropout unchanged.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def bernoulli_(out: torch.Tensor, p: float) -> torch.Tensor:
     """`out.bernoulli_(p)` with the default generator: the same values and the same
     generator state afterwards, drawn by the vectorized kernel where it applies."""
     if torch.compiler.is_compiling():
-        torch.ops.tdmpc2.bernoulli_(out, p, draws.token())
+        torch.ops.tdmpc2.bernoulli_(out, p, draws.token(out.device))
     elif _fast_ok(out, p):
         with native.profiled("tdmpc2::bernoulli_"):  # named as when compiled
             _draw(out, p)
@@ -202,8 +203,13 @@ def bernoulli_(out: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """`F.dropout(x, p, training)`, with the mask drawn by `bernoulli_` on CPU."""
-    if not (training and 0.0 < p < 1.0 and x.device.type == "cpu"
+    """`F.dropout(x, p, training)`, with the mask drawn by `bernoulli_` on CPU and CUDA.
+
+    On CPU the values are F.dropout's. On CUDA the mask comes from `bernoulli_` rather than
+    F.dropout's fused kernel (other numbers from the same seed), so that compiled graphs,
+    which draw it through `tdmpc2::bernoulli_` in program order, match eager runs.
+    """
+    if not (training and 0.0 < p < 1.0 and x.device.type in ("cpu", "cuda")
             and x.dtype == torch.float32 and x.is_contiguous()):
         return F.dropout(x, p, training=training)
     keep = 1.0 - p

@@ -1,4 +1,4 @@
-"""Random draws that compiled graphs make in program order (CPU).
+"""Random draws that compiled graphs make in program order (CPU and CUDA).
 
 A compiled graph's random draws come from eager PyTorch's generator
 (`torch._inductor.config.fallback_random`), so compiled and eager code with one seed draw
@@ -8,11 +8,13 @@ after a dropout mask drawn earlier in the program, and did once the graph's prod
 became custom ops (the compiled test agent's policy loss then differed from eager's by
 7e-4 to 9e-4).
 
-Under torch.compile, on CPU, the draws here are custom ops that all mutate one token
-tensor. A mutation of the same tensor is a dependency the compiler keeps, so the draws
-run in the order the program makes them, whatever else the graph holds. Outside
-compiled code (and on other devices) they are the plain torch calls: the same numbers
-from the same generator.
+Under torch.compile, on CPU and CUDA, the draws here are custom ops that all mutate one
+token tensor per device type. A mutation of the same tensor is a dependency the compiler
+keeps, so the draws run in the order the program makes them, whatever else the graph
+holds. Outside compiled code (and on other devices) they are the plain torch calls: the
+same numbers from the same generator. On CUDA the token lives on the GPU (created by
+`token(device)` before compiling, with a static address, so CUDA graphs may mutate it);
+one process draws on one GPU.
 """
 
 from __future__ import annotations
@@ -23,19 +25,34 @@ import torch
 
 __all__ = ["multinomial", "ordered", "randint", "randn", "randn_like", "randperm", "token"]
 
-# The tensor every compiled CPU draw mutates (its value is never read).
-_TOKEN = torch.zeros(1)
+# The tensor every compiled draw on a device type mutates (its value is never read).
+_TOKENS: dict[str, torch.Tensor] = {"cpu": torch.zeros(1)}
+_ORDERED_TYPES = ("cpu", "cuda")
 _SEEDED = (torch.Tag.nondeterministic_seeded,)
 
 
-def token() -> torch.Tensor:
-    """The tensor that orders compiled draws (for other draw ops, e.g. rlcore.bernoulli)."""
-    return _TOKEN
+def token(device: torch.device | str | None = None) -> torch.Tensor:
+    """The tensor that orders compiled draws on `device`'s type (also for other draw ops,
+    e.g. rlcore.bernoulli). The CUDA one is made on first use, which must come before
+    compiling (`components.agent.compile_networks` and the planners' `compile` do it)."""
+    kind = torch.device(device or "cpu").type
+    tok = _TOKENS.get(kind)
+    if tok is None:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(f"rlcore.draws has no {kind} token yet: call "
+                               f"rlcore.draws.token({kind!r}) before compiling")
+        from torch import _dynamo
+
+        tok = torch.zeros(1, device=kind)
+        _dynamo.mark_static_address(tok)  # CUDA graphs may mutate it in place
+        _TOKENS[kind] = tok
+    return tok
 
 
 def ordered(device: torch.device | str | None) -> bool:
-    """Whether a draw on `device` goes through the ordered ops (compiling, on CPU)."""
-    return torch.compiler.is_compiling() and torch.device(device or "cpu").type == "cpu"
+    """Whether a draw on `device` goes through the ordered ops (compiling, CPU or CUDA)."""
+    return (torch.compiler.is_compiling()
+            and torch.device(device or "cpu").type in _ORDERED_TYPES)
 
 
 # Registered with the low-level library API: its Python kernels cost about 3 us per call
@@ -48,10 +65,12 @@ _LIB.define("randint(Tensor(a!) token, SymInt low, SymInt high, SymInt[] size) -
             tags=_SEEDED)
 _LIB.define("multinomial(Tensor(a!) token, Tensor weights, SymInt num_samples) -> Tensor",
             tags=_SEEDED)
-_LIB.impl("randn", lambda token, size: torch.randn(size), "CPU")
-_LIB.impl("randperm", lambda token, n: torch.randperm(n), "CPU")
-_LIB.impl("randint", lambda token, low, high, size: torch.randint(low, high, size), "CPU")
-_LIB.impl("multinomial", lambda token, weights, k: torch.multinomial(weights, k), "CPU")
+for _key in ("CPU", "CUDA"):  # each draw on the token's device, from its generator
+    _LIB.impl("randn", lambda token, size: torch.randn(size, device=token.device), _key)
+    _LIB.impl("randperm", lambda token, n: torch.randperm(n, device=token.device), _key)
+    _LIB.impl("randint", lambda token, low, high, size: torch.randint(
+        low, high, size, device=token.device), _key)
+    _LIB.impl("multinomial", lambda token, weights, k: torch.multinomial(weights, k), _key)
 
 
 @torch.library.register_fake("tdmpc2::randn")
@@ -77,21 +96,21 @@ def _(token, weights, num_samples):
 def randn(*size: int, device: torch.device | str | None = None) -> torch.Tensor:
     """`torch.randn(*size, device=device)` (float32)."""
     if ordered(device):
-        return torch.ops.tdmpc2.randn(_TOKEN, list(size))
+        return torch.ops.tdmpc2.randn(token(device), list(size))
     return torch.randn(*size, device=device)
 
 
 def randn_like(x: torch.Tensor) -> torch.Tensor:
     """`torch.randn_like(x)`."""
     if x.dtype == torch.float32 and ordered(x.device):
-        return torch.ops.tdmpc2.randn(_TOKEN, list(x.shape))
+        return torch.ops.tdmpc2.randn(token(x.device), list(x.shape))
     return torch.randn_like(x)
 
 
 def randperm(n: int, device: torch.device | str | None = None) -> torch.Tensor:
     """`torch.randperm(n, device=device)`."""
     if ordered(device):
-        return torch.ops.tdmpc2.randperm(_TOKEN, n)
+        return torch.ops.tdmpc2.randperm(token(device), n)
     return torch.randperm(n, device=device)
 
 
@@ -99,12 +118,12 @@ def randint(low: int, high: int, size: Sequence[int],
             device: torch.device | str | None = None) -> torch.Tensor:
     """`torch.randint(low, high, size, device=device)`."""
     if ordered(device):
-        return torch.ops.tdmpc2.randint(_TOKEN, low, high, list(size))
+        return torch.ops.tdmpc2.randint(token(device), low, high, list(size))
     return torch.randint(low, high, tuple(size), device=device)
 
 
 def multinomial(weights: torch.Tensor, num_samples: int) -> torch.Tensor:
     """`torch.multinomial(weights, num_samples)` (without replacement, as torch's default)."""
     if ordered(weights.device):
-        return torch.ops.tdmpc2.multinomial(_TOKEN, weights, num_samples)
+        return torch.ops.tdmpc2.multinomial(token(weights.device), weights, num_samples)
     return torch.multinomial(weights, num_samples)

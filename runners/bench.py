@@ -267,7 +267,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(device)
     try:
         info["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            # "-dirty" when the working tree has uncommitted changes
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+            text=True,
             cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         info["commit"] = None

@@ -131,6 +131,9 @@ class PopulationPlanner:
         import torch._inductor.config
 
         torch._inductor.config.fallback_random = True  # eager RNG: the same draws
+        for p in self.model.parameters():  # the token that orders the draws (rlcore.draws)
+            draws.token(p.device)
+            break
         self._search = torch.compile(self._search, mode=mode, dynamic=False)
 
     @torch.no_grad()

@@ -43,9 +43,10 @@ def _compare(device, **switches):
     want = _run(eager)
     assert [k for k, _ in got] == [k for k, _ in want]
     for (name, a), (_, b) in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     for (n, p), q in zip(fast.model.named_parameters(), eager.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4, msg=n)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
 
 @pytest.mark.slow
