@@ -39,12 +39,8 @@ def compile_networks(model: nn.Module, *, mode: str | None = None) -> None:
     draw the same numbers.
     """
     import torch._dynamo
-    import torch._inductor.config
 
-    torch._inductor.config.fallback_random = True
-    for p in model.parameters():  # the token that orders the draws, made before tracing
-        draws.token(p.device)
-        break
+    draws.prepare(model)
     # Planning, evaluation and updates call the same networks on several batch shapes.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for module in model.children():
@@ -159,6 +155,9 @@ class TDMPC2Agent:
         if compile:
             mode = "reduce-overhead" if cuda_graphs else None
             compile_networks(self.model, mode=mode)
+            # the policy graph updates the running scale in place: a static address lets
+            # CUDA graphs capture that graph (a mutated plain input makes them skip it)
+            torch._dynamo.mark_static_address(self.scale.value)
             if hasattr(self.planner, "compile"):  # the whole search as one graph
                 self.planner.compile(mode=mode)
             # each update's two loss computations as one graph each (forward and backward)

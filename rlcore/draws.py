@@ -13,7 +13,7 @@ token tensor per device type. A mutation of the same tensor is a dependency the 
 keeps, so the draws run in the order the program makes them, whatever else the graph
 holds. Outside compiled code (and on other devices) they are the plain torch calls: the
 same numbers from the same generator. On CUDA the token lives on the GPU (created by
-`token(device)` before compiling, with a static address, so CUDA graphs may mutate it);
+`prepare(module)` before compiling, with a static address, so CUDA graphs may mutate it);
 one process draws on one GPU.
 """
 
@@ -23,7 +23,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["multinomial", "ordered", "randint", "randn", "randn_like", "randperm", "token"]
+__all__ = ["multinomial", "ordered", "prepare", "randint", "randn", "randn_like", "randperm",
+           "token"]
 
 # The tensor every compiled draw on a device type mutates (its value is never read).
 _TOKENS: dict[str, torch.Tensor] = {"cpu": torch.zeros(1)}
@@ -34,19 +35,31 @@ _SEEDED = (torch.Tag.nondeterministic_seeded,)
 def token(device: torch.device | str | None = None) -> torch.Tensor:
     """The tensor that orders compiled draws on `device`'s type (also for other draw ops,
     e.g. rlcore.bernoulli). The CUDA one is made on first use, which must come before
-    compiling (`components.agent.compile_networks` and the planners' `compile` do it)."""
+    compiling (`prepare`, which `components.agent.compile_networks` and the planners'
+    `compile` call)."""
     kind = torch.device(device or "cpu").type
     tok = _TOKENS.get(kind)
     if tok is None:
         if torch.compiler.is_compiling():
             raise RuntimeError(f"rlcore.draws has no {kind} token yet: call "
                                f"rlcore.draws.token({kind!r}) before compiling")
-        from torch import _dynamo
-
-        tok = torch.zeros(1, device=kind)
-        _dynamo.mark_static_address(tok)  # CUDA graphs may mutate it in place
-        _TOKENS[kind] = tok
+        tok = _TOKENS[kind] = torch.zeros(1, device=kind)
     return tok
+
+
+def prepare(module: torch.nn.Module) -> None:
+    """Ready compiled code that draws on `module`'s device to draw as eager code does:
+    inductor's draws fall back to eager PyTorch's generator, and the device's token
+    exists before tracing, with a static address (CUDA graphs may then mutate it in place).
+    Call it before `torch.compile` of anything that runs `module`.
+    """
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
+    for p in module.parameters():
+        torch._dynamo.mark_static_address(token(p.device))
+        break
 
 
 def ordered(device: torch.device | str | None) -> bool:

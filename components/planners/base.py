@@ -128,12 +128,7 @@ class PopulationPlanner:
         PyTorch's generator (`fallback_random`), so a seed gives the same plans. The
         first call per shape compiles (about a minute for dog-run's 5M model here).
         """
-        import torch._inductor.config
-
-        torch._inductor.config.fallback_random = True  # eager RNG: the same draws
-        for p in self.model.parameters():  # the token that orders the draws (rlcore.draws)
-            draws.token(p.device)
-            break
+        draws.prepare(self.model)  # eager RNG and ordered draws: the same plans
         self._search = torch.compile(self._search, mode=mode, dynamic=False)
 
     @torch.no_grad()

@@ -7,6 +7,9 @@ present and are skipped (never failing) without one.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+
 import pytest
 import torch
 
@@ -49,11 +52,43 @@ def _compare(device, **switches):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
 
+@contextlib.contextmanager
+def _record_mutated_inputs():
+    """Yields a list that collects (input name, has a static address) for each input that
+    a graph inductor compiles in the block mutates. CUDA graphs skip a graph that mutates
+    an input without a static address ("skipping cudagraphs due to mutated inputs"); the
+    list is built on CPU, where the same graphs are traced."""
+    import torch._functorch.config
+    import torch._inductor.config
+    from torch._inductor import output_code
+
+    init = output_code.CompiledFxGraph.__init__
+    signature = inspect.signature(init)
+    seen: list[tuple[str, bool]] = []
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs).arguments
+        static = set(bound["static_input_idxs"])
+        inputs = [n.name for n in bound["gm"].graph.nodes if n.op == "placeholder"]
+        seen.extend((inputs[i], i in static) for i in sorted(self.mutated_input_idxs))
+
+    output_code.CompiledFxGraph.__init__ = recording
+    try:  # graphs loaded from inductor's caches are not built again: caches off
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            yield seen
+    finally:
+        output_code.CompiledFxGraph.__init__ = init
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("onednn", ["0", "1"])
 def test_compiled_agent_matches_eager_on_cpu(monkeypatch, onednn):
     """With the products on torch's own kernels and on oneDNN's (`rlcore.gemm`, custom ops
-    in the graph, whose random draws `rlcore.draws` keeps in program order)."""
+    in the graph, whose random draws `rlcore.draws` keeps in program order). Every input
+    the graphs mutate (the draws' token, the running scale) has a static address, so CUDA
+    graphs can capture every graph."""
     import torch._dynamo
 
     from rlcore import gemm
@@ -62,7 +97,13 @@ def test_compiled_agent_matches_eager_on_cpu(monkeypatch, onednn):
         pytest.skip("this torch has no usable oneDNN linear op")
     monkeypatch.setenv("TDMPC2_ONEDNN", onednn)
     torch._dynamo.reset()  # the switch is read when a graph is traced
-    _compare("cpu", compile=True)
+    with _record_mutated_inputs() as mutated:
+        _compare("cpu", compile=True)
+    # the token (every graph with a draw) and the running scale (the policy graph)
+    assert len(mutated) >= 2, f"expected graphs that mutate inputs, saw {mutated}"
+    assert all(static for _, static in mutated), (
+        f"compiled graphs mutate inputs without a static address (CUDA graphs would skip "
+        f"them): {[name for name, static in mutated if not static]}")
 
 
 @pytest.mark.slow
