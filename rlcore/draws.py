@@ -42,7 +42,7 @@ def token(device: torch.device | str | None = None) -> torch.Tensor:
     if tok is None:
         if torch.compiler.is_compiling():
             raise RuntimeError(f"rlcore.draws has no {kind} token yet: call "
-                               f"rlcore.draws.token({kind!r}) before compiling")
+                               "rlcore.draws.prepare(module) before compiling")
         tok = _TOKENS[kind] = torch.zeros(1, device=kind)
     return tok
 
