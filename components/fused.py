@@ -48,17 +48,16 @@ _SOURCE = r"""
 
 /* exp(x) for x in [-87, 20] (callers clamp): 2^n p(r) with n = round(x / ln2) (by the
    1.5 * 2^23 trick, which vectorizes where floorf does not), r = x - n ln2 in two parts,
-   p Cephes' degree-7 expf polynomial. */
+   p Cephes' degree-7 expf polynomial, evaluated by Estrin's scheme (a shorter chain of
+   dependent operations than Horner's: the loops are latency-bound). */
 static inline float exp_clamped(float x) {
     float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    float r2 = r * r;
+    float p01 = 5.0000001201e-1f + 1.6666665459e-1f * r;
+    float p23 = 4.1665795894e-2f + 8.3334519073e-3f * r;
+    float p45 = 1.3981999507e-3f + 1.9875691500e-4f * r;
+    float p = (r + 1.0f) + r2 * (p01 + r2 * (p23 + r2 * p45));
     union { int32_t i; float f; } s = { .i = ((int32_t)n + 127) << 23 };
     return p * s.f;
 }
@@ -84,20 +83,6 @@ static inline void simnorm_groups(float *restrict z, int64_t D) {
     }
 }
 
-/* Mish in place: z - 2z / (e (e + 2) + 2), e = exp(z). */
-static inline void mish_row(float *restrict z, int64_t D) {
-    #pragma omp simd
-    for (int64_t i = 0; i < D; i++) {
-        float e = exp_clamped(clamp_exp_arg(z[i]));
-        z[i] = z[i] - 2.0f * z[i] / (e * (e + 2.0f) + 2.0f);
-    }
-}
-
-/* act 0: Mish, 1: SimNorm (groups of 8). */
-static inline void activate_row(int act, float *restrict z, int64_t D) {
-    if (act == 0) mish_row(z, D); else simnorm_groups(z, D);
-}
-
 /* SimNorm's backward for one row: dL/dz from dL/dy, with z overwritten by y = act(z). */
 static inline void simnorm_grad_row(float *restrict z, const float *restrict g,
                                     float *restrict gz, int64_t D) {
@@ -110,6 +95,39 @@ static inline void simnorm_grad_row(float *restrict z, const float *restrict g,
     }
 }
 
+/* A row's mean and 1/std (two passes), each sum kept in four vector partial sums: one
+   running sum is a chain of D/8 dependent adds, and rows are short (128-512). */
+typedef float v8 __attribute__((vector_size(32)));
+static inline v8 ld8(const float *p) { v8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline float hsum8(v8 v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+static inline void row_stats(const float *restrict x, int64_t D, float eps, float *mu,
+                             float *rs) {
+    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    int64_t i = 0;
+    for (; i + 32 <= D; i += 32) {
+        a0 += ld8(x + i); a1 += ld8(x + i + 8);
+        a2 += ld8(x + i + 16); a3 += ld8(x + i + 24);
+    }
+    for (; i + 8 <= D; i += 8) a0 += ld8(x + i);
+    float s = hsum8((a0 + a1) + (a2 + a3));
+    for (; i < D; i++) s += x[i];
+    float m = s / (float)D;
+    v8 mv = m - (v8){0};
+    a0 = a1 = a2 = a3 = (v8){0};
+    for (i = 0; i + 32 <= D; i += 32) {
+        v8 c0 = ld8(x + i) - mv, c1 = ld8(x + i + 8) - mv;
+        v8 c2 = ld8(x + i + 16) - mv, c3 = ld8(x + i + 24) - mv;
+        a0 += c0 * c0; a1 += c1 * c1; a2 += c2 * c2; a3 += c3 * c3;
+    }
+    for (; i + 8 <= D; i += 8) { v8 c = ld8(x + i) - mv; a0 += c * c; }
+    float v = hsum8((a0 + a1) + (a2 + a3));
+    for (; i < D; i++) { float c = x[i] - m; v += c * c; }
+    *mu = m;
+    *rs = 1.0f / sqrtf(v / (float)D + eps);
+}
+
 /* R rows of D; row r uses affine row r / rpm of w, b ([M, D]). mean/rstd may be NULL. */
 void lna_forward(int act, const float *restrict x, const float *restrict w,
                  const float *restrict b, float *restrict y, float *restrict mean,
@@ -118,16 +136,20 @@ void lna_forward(int act, const float *restrict x, const float *restrict w,
     for (int64_t r = 0; r < R; r++) {
         const float *xr = x + r * D, *wm = w + (r / rpm) * D, *bm = b + (r / rpm) * D;
         float *yr = y + r * D;
-        float s = 0.f, v = 0.f;
-        #pragma omp simd reduction(+:s)
-        for (int64_t i = 0; i < D; i++) s += xr[i];
-        float mu = s / (float)D;
-        #pragma omp simd reduction(+:v)
-        for (int64_t i = 0; i < D; i++) { float c = xr[i] - mu; v += c * c; }
-        float rs = 1.0f / sqrtf(v / (float)D + eps);
-        #pragma omp simd
-        for (int64_t i = 0; i < D; i++) yr[i] = (xr[i] - mu) * rs * wm[i] + bm[i];
-        activate_row(act, yr, D);
+        float mu, rs;
+        row_stats(xr, D, eps, &mu, &rs);
+        if (act == 0) {  /* normalize, affine and Mish in one pass */
+            #pragma omp simd
+            for (int64_t i = 0; i < D; i++) {
+                float z = (xr[i] - mu) * rs * wm[i] + bm[i];
+                float e = exp_clamped(clamp_exp_arg(z));
+                yr[i] = z - 2.0f * z / (e * (e + 2.0f) + 2.0f);
+            }
+        } else {
+            #pragma omp simd
+            for (int64_t i = 0; i < D; i++) yr[i] = (xr[i] - mu) * rs * wm[i] + bm[i];
+            simnorm_groups(yr, D);
+        }
         if (mean) { mean[r] = mu; rstd[r] = rs; }
     }
 }
@@ -206,8 +228,12 @@ int lna_backward(int act, const float *restrict g, const float *restrict x,
 """
 
 
+# Contract a * b + c into FMAs: the exponential's polynomial is a chain of them.
+_CFLAGS = ("-ffp-contract=fast",)
+
+
 def _library():
-    lib = native.load("layer_norm_act", _SOURCE, openmp=True)
+    lib = native.load("layer_norm_act", _SOURCE, openmp=True, flags=_CFLAGS)
     if lib is not None and lib.lna_forward.argtypes is None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.lna_forward.argtypes = [ctypes.c_int] + [p] * 6 + [i64] * 3 + [ctypes.c_float]

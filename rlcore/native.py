@@ -43,7 +43,7 @@ _log = logging.getLogger("rlcore")
 # changes no computed value (it allows speculation, not reassociation).
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-std=c99", "-fPIC"]
 _LOADED: dict[str, ctypes.CDLL | None] = {}
-_BY_SOURCE: dict[tuple[str, str, bool], ctypes.CDLL | None] = {}
+_BY_SOURCE: dict[tuple[str, str, bool, tuple[str, ...]], ctypes.CDLL | None] = {}
 
 
 def profiled(name: str):
@@ -88,16 +88,18 @@ def _openmp_runtime() -> str | None:
     return None
 
 
-def load(name: str, source: str, *, openmp: bool = False) -> ctypes.CDLL | None:
-    """The compiled `source` as a ctypes library, or None (then use the PyTorch path)."""
+def load(name: str, source: str, *, openmp: bool = False,
+         flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled `source` as a ctypes library, or None (then use the PyTorch path).
+    `flags`: compiler flags of this library, after the common ones."""
     if not enabled():
         return None
-    fast_key = (name, source, openmp)
+    fast_key = (name, source, openmp, flags)
     if fast_key in _BY_SOURCE:  # the hot path: one dict lookup per call
         return _BY_SOURCE[fast_key]
     cc = os.environ.get("CC", "cc")
     omp = _openmp_runtime() if openmp else None
-    key_parts = [source, cc, *_FLAGS, str(openmp), omp or "", _cpu_signature(),
+    key_parts = [source, cc, *_FLAGS, *flags, str(openmp), omp or "", _cpu_signature(),
                  str(cache_dir())]
     key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:20]
     if key in _LOADED:
@@ -114,7 +116,7 @@ def load(name: str, source: str, *, openmp: bool = False) -> ctypes.CDLL | None:
                 src, obj, out = (Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.o",
                                  Path(tmp) / path.name)
                 src.write_text(source)
-                compile_flags = _FLAGS + (["-fopenmp"] if openmp else [])
+                compile_flags = [*_FLAGS, *flags] + (["-fopenmp"] if openmp else [])
                 run = dict(check=True, capture_output=True, text=True, timeout=180)
                 subprocess.run([cc, *compile_flags, "-c", str(src), "-o", str(obj)], **run)
                 # link torch's OpenMP runtime itself, not the compiler's, so both share one
