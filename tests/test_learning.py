@@ -2,7 +2,7 @@
 
 Task, budget and threshold were picked from a measurement (see the constants): the
 random-policy return was measured with the same env layer and the same seeds, and the
-threshold sits far above it. Marked `slow`; CI runs it (two seeds side by side, about 8
+threshold sits far above it. Marked `slow`; CI runs it (two seeds side by side, about 10
 minutes on 2 cores).
 """
 
@@ -22,15 +22,19 @@ pytest.importorskip("envpool")
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "cartpole-balance"
-ENV_STEPS = 20_000  # env steps (action repeat 2, summed over 2 envs)
+ENV_STEPS = 16_000  # env steps (action repeat 2, summed over 2 envs)
 SEEDS = (1, 2)  # run side by side, one torch thread each
-# Measured on 2 CPU cores (2026-11-24), gin/quick_cpu.gin, one thread per run: the random
-# policy scores 315 (4 episodes); the planner's evaluation return at 20k env steps was
-# 996 (seed 1) and 895 (seed 2), and 826 for seed 2 with the code before the
-# speed work (one seed alone swings a lot: seed 1 with two threads gave 990 before the
-# speed work and 609 after, from float-level differences). The threshold applies to the
-# mean over the seeds and sits about halfway between random and the measured mean.
-THRESHOLD = 630.0  # mean over SEEDS of the final evaluation return
+# Measured on 2 CPU cores, gin/quick_cpu.gin, one thread per run. The random policy scores
+# 315 (4 episodes). The planner's evaluation return at 16k env steps, evaluating only
+# there (evaluations draw from the training generator, so they change the run): 994
+# (seed 1) and 700 (seed 2), mean 847, in 9:41 wall (2026-11-25, b1c03a4). A run of the
+# code before it that evaluated every 2k steps had 669 and 898 at 16k (mean 784) and
+# 612 and 794 at 20k: one seed swings by hundreds with float-level differences, the mean
+# less. The threshold applies to the mean over the seeds and sits about halfway between
+# random and the measured means. (Until 2026-11-25 the budget was 20k steps with
+# evaluations at 10k and 20k, about 13 minutes, and the threshold 630.)
+THRESHOLD = 560.0  # mean over SEEDS of the final evaluation return
+EVAL_EVERY = ENV_STEPS  # one evaluation, at the end
 
 
 def random_policy_return(task: str, episodes: int = 4, seed: int = 100_001) -> float:
@@ -55,7 +59,7 @@ def _launch(seed: int, run_dir: Path) -> subprocess.Popen:
            f"--gin_param=OnlineRunner.total_env_steps = {ENV_STEPS}",
            f"--gin_param=OnlineRunner.seed = {seed}",
            "--gin_param=OnlineRunner.num_threads = 1",
-           "--gin_param=OnlineRunner.eval_every = 10_000",
+           f"--gin_param=OnlineRunner.eval_every = {EVAL_EVERY}",
            "--gin_param=OnlineRunner.progress = False"]
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "MUJOCO_GL": "egl"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
