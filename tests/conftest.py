@@ -130,3 +130,35 @@ def tiny_planner():
         return tiny_planner_factory(kind, **kwargs)(model, action_dim, discount)
 
     return build
+
+
+# -- the learning test's training runs: started with the session, collected by the test --
+_LEARNING_TEST = "test_learning.py::test_tdmpc2_beats_random_on_cartpole_balance"
+_learning_module = pytest.StashKey()
+_learning_dir = pytest.StashKey()
+
+
+def pytest_collection_finish(session):
+    """When the session will run the learning test, start its training runs now at the
+    lowest CPU priority: they take the CPU the other tests leave idle, so the suite does
+    not wait ten minutes for them at the end (`tests/test_learning.py`)."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        if item.nodeid.endswith(_LEARNING_TEST):
+            import tempfile
+
+            base = Path(tempfile.mkdtemp(prefix="tdmpc2-learning-"))
+            session.config.stash[_learning_dir] = base
+            session.config.stash[_learning_module] = item.module
+            item.module.start_runs(base, niceness=19)
+            return
+
+
+def pytest_sessionfinish(session):
+    module = session.config.stash.get(_learning_module, None)
+    if module is not None:
+        module.stop_runs()
+        import shutil
+
+        shutil.rmtree(session.config.stash[_learning_dir], ignore_errors=True)
