@@ -11,7 +11,8 @@ One run reports, for a gin config (default: dog-run, 5M model, paper planner set
   (matrix products: linear layers, batched ensemble matmuls and convolutions, forward and
   backward; elementwise work is not counted), the achieved GFLOP/s, and a plain fp32
   matmul's GFLOP/s measured in the same run, so efficiency is a ratio that survives a
-  noisy machine;
+  noisy machine (the ratio of the two medians, and the median of call-by-call ratios,
+  each call against the matmul call timed just before it);
 - peak memory (RSS; CUDA memory on a GPU) and replay bytes per stored step.
 
 The table goes to stdout, everything to a JSON file. Figures only: nothing here asserts a
@@ -276,11 +277,28 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _with_rate(timing: dict[str, float], flops: int, matmul_gflops: float) -> dict[str, Any]:
-    """Achieved GFLOP/s and its fraction of the matmul GFLOP/s measured alongside."""
+def paired_fractions(times: Sequence[float], mm_times: Sequence[float], flops: int,
+                     mm_flops: int) -> dict[str, float]:
+    """Each call's GFLOP/s over that of the matmul call timed just before it: median and
+    p10-p90 of those ratios. A shared machine's speed drifts over seconds; a call and its
+    neighbour see the same speed, so the pairs cancel drifts that the ratio of the two
+    medians (taken over the whole window) does not."""
+    ratios = sorted(flops * m / (t * mm_flops) for t, m in zip(times, mm_times))
+    q = (statistics.quantiles(ratios, n=10, method="inclusive") if len(ratios) > 1
+         else [ratios[0]] * 9)
+    return {"median": statistics.median(ratios), "p10": q[0], "p90": q[8], "n": len(ratios)}
+
+
+def _with_rate(timing: dict[str, float], flops: int, matmul_gflops: float,
+               paired: dict[str, float] | None = None) -> dict[str, Any]:
+    """Achieved GFLOP/s and its fraction of the matmul GFLOP/s measured alongside (the
+    ratio of the medians, and the call-by-call `paired_fractions` when given)."""
     gflops = flops / (timing["median_ms"] / 1e3) / 1e9
-    return {**timing, "flops": flops, "gflops_per_s": gflops,
-            "matmul_gflops_per_s": matmul_gflops, "matmul_fraction": gflops / matmul_gflops}
+    out = {**timing, "flops": flops, "gflops_per_s": gflops,
+           "matmul_gflops_per_s": matmul_gflops, "matmul_fraction": gflops / matmul_gflops}
+    if paired is not None:
+        out["matmul_fraction_paired"] = paired
+    return out
 
 
 # -- the benchmark ----------------------------------------------------------------------
@@ -341,6 +359,7 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
     interleaved_mm: list[float] = []
 
     breakdowns: dict[str, Any] = {}
+    paired: dict[str, dict[str, float]] = {}
     # The breakdown attributes CPU time by operator: on a GPU that would be launch time.
     profile_parts = breakdown_repeats > 0 and device.type == "cpu"
 
@@ -351,6 +370,7 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
         if profile_parts:
             breakdowns[name] = time_breakdown(fn, flops=flops, matmul_gflops=mm_rate,
                                               repeats=breakdown_repeats)
+        paired[name] = paired_fractions(times, mm_times, flops, matmul.flops)
         return times, flops, mm_rate
 
     for E in envs:
@@ -378,7 +398,8 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
     result["matmul"] = {**matmul.rate(interleaved_mm), "before": mm_before, "after": mm_after}
     for name, (times, flops, mm_gflops) in parts.items():
         timing = summarize(times)
-        result[name] = _with_rate(timing, flops, mm_gflops) if flops else timing
+        result[name] = (_with_rate(timing, flops, mm_gflops, paired.get(name)) if flops
+                        else timing)
     for name, breakdown in breakdowns.items():
         result[name]["breakdown"] = breakdown
     for E in envs:
@@ -420,15 +441,18 @@ def format_table(result: dict[str, Any]) -> str:
         f"part): {mm:.1f} GFLOP/s median" + _onednn_note(result["matmul"]),
         "",
         "| part | median ms | p10-p90 ms | n | GFLOP/call | GFLOP/s | matmul GFLOP/s "
-        "| of matmul |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| of matmul | paired (p10-p90) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in result.items():
         if not isinstance(r, dict) or "median_ms" not in r or name == "matmul":
             continue
+        pair = r.get("matmul_fraction_paired")
+        pair_cell = (f"{pair['median']:.0%} ({pair['p10']:.0%}-{pair['p90']:.0%})" if pair
+                     else "")
         rate = (f"{r['flops'] / 1e9:.2f} | {r['gflops_per_s']:.1f} | "
-                f"{r['matmul_gflops_per_s']:.1f} | {r['matmul_fraction']:.0%}"
-                if "flops" in r else " | | | ")
+                f"{r['matmul_gflops_per_s']:.1f} | {r['matmul_fraction']:.0%} | {pair_cell}"
+                if "flops" in r else " | | | | ")
         lines.append(f"| {name} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} "
                      f"| {r['n']} | {rate} |")
     lines += _format_breakdowns(result)

@@ -196,6 +196,23 @@ def test_planning_flops_are_counted_and_scale_with_envs(tiny_bench):
         assert r["gflops_per_s"] == pytest.approx(r["flops"] / r["median_ms"] * 1e-6)
         assert r["matmul_gflops_per_s"] > 0
         assert r["matmul_fraction"] == pytest.approx(r["gflops_per_s"] / r["matmul_gflops_per_s"])
+        pair = r["matmul_fraction_paired"]
+        assert pair["n"] == result["args"]["repeats"]
+        assert 0 < pair["p10"] <= pair["median"] <= pair["p90"]
+
+
+def test_paired_fractions_cancel_a_drifting_machine():
+    """A machine that slows down 4x during the run slows both members of each pair alike:
+    the paired ratio stays exact, while the ratio of the medians depends on where the
+    medians fall."""
+    from runners.bench import paired_fractions
+
+    mm = [1.0, 2.0, 4.0, 4.0, 4.0]  # matmul call times, the machine slowing down
+    part = [0.5, 1.0, 2.0, 2.0, 2.0]  # a part that always takes half the matmul's time
+    pair = paired_fractions(part, mm, flops=100, mm_flops=100)
+    assert pair == {"median": 2.0, "p10": 2.0, "p90": 2.0, "n": 5}
+    drifted = paired_fractions([0.5, 1.0, 2.0], [1.0, 1.0, 1.0], flops=100, mm_flops=100)
+    assert drifted["median"] == 1.0 and drifted["p10"] < 1.0 < drifted["p90"]
 
 
 def test_bench_breaks_planning_and_update_time_down(tiny_bench):
