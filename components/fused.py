@@ -9,7 +9,11 @@ pass while it sits in L1: forward (mean, variance, normalise, affine, Mish), and
 (recompute the normalised row and Mish's derivative, the row sums LayerNorm's gradient
 needs, and per-thread sums for the affine's weight and bias gradients). Rows are split
 evenly over torch's OpenMP threads. `layer_norm_simnorm` does the same with SimNorm (a
-softmax over each group of 8 units) for the encoder's and dynamics' last layers.
+softmax over each group of 8 units) for the encoder's and dynamics' last layers. Both
+take the preceding Linear's bias as an optional input (`bias=`), added to each row as it
+is read, so the layers run that Linear as a plain matmul (`components.layers.folds_bias`):
+an addmm first writes the broadcast bias into its output, one more pass, and its backward
+sums the output gradient's rows in another, which the backward kernel does as it goes.
 
 The exponential is a degree-7 polynomial after range reduction (about 1 ulp), so the
 loops vectorize without -ffast-math; Mish uses the same one-exponential form as
@@ -128,47 +132,65 @@ static inline void row_stats(const float *restrict x, int64_t D, float eps, floa
     *rs = 1.0f / sqrtf(v / (float)D + eps);
 }
 
-/* R rows of D; row r uses affine row r / rpm of w, b ([M, D]). mean/rstd may be NULL. */
-void lna_forward(int act, const float *restrict x, const float *restrict w,
-                 const float *restrict b, float *restrict y, float *restrict mean,
-                 float *restrict rstd, int64_t R, int64_t D, int64_t rpm, float eps) {
+/* Normalize, affine and the activation of one row: y may be x (in place), so no
+   restrict here; each element is read before it is written. */
+static inline void lna_row(int act, const float *xr, const float *wm, const float *bm,
+                           float *yr, int64_t D, float mu, float rs) {
+    if (act == 0) {  /* normalize, affine and Mish in one pass */
+        #pragma omp simd
+        for (int64_t i = 0; i < D; i++) {
+            float z = (xr[i] - mu) * rs * wm[i] + bm[i];
+            float e = exp_clamped(clamp_exp_arg(z));
+            yr[i] = z - 2.0f * z / (e * (e + 2.0f) + 2.0f);
+        }
+    } else {
+        #pragma omp simd
+        for (int64_t i = 0; i < D; i++) yr[i] = (xr[i] - mu) * rs * wm[i] + bm[i];
+        simnorm_groups(yr, D);
+    }
+}
+
+/* R rows of D; row r uses affine row r / rpm of w, b ([M, D]). mean/rstd may be NULL.
+   lb (NULL or [M, D] like w): a bias added to each row first, the preceding Linear's,
+   so that layer's product need not write it into its output beforehand. */
+void lna_forward(int act, const float *restrict x, const float *restrict lb,
+                 const float *restrict w, const float *restrict b, float *restrict y,
+                 float *restrict mean, float *restrict rstd, int64_t R, int64_t D,
+                 int64_t rpm, float eps) {
     #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < R; r++) {
         const float *xr = x + r * D, *wm = w + (r / rpm) * D, *bm = b + (r / rpm) * D;
         float *yr = y + r * D;
         float mu, rs;
-        row_stats(xr, D, eps, &mu, &rs);
-        if (act == 0) {  /* normalize, affine and Mish in one pass */
+        if (lb) {  /* x + lb into y, then normalized in place (the row stays in L1) */
+            const float *lm = lb + (r / rpm) * D;
             #pragma omp simd
-            for (int64_t i = 0; i < D; i++) {
-                float z = (xr[i] - mu) * rs * wm[i] + bm[i];
-                float e = exp_clamped(clamp_exp_arg(z));
-                yr[i] = z - 2.0f * z / (e * (e + 2.0f) + 2.0f);
-            }
-        } else {
-            #pragma omp simd
-            for (int64_t i = 0; i < D; i++) yr[i] = (xr[i] - mu) * rs * wm[i] + bm[i];
-            simnorm_groups(yr, D);
+            for (int64_t i = 0; i < D; i++) yr[i] = xr[i] + lm[i];
+            xr = yr;
         }
+        row_stats(xr, D, eps, &mu, &rs);
+        lna_row(act, xr, wm, bm, yr, D, mu, rs);
         if (mean) { mean[r] = mu; rstd[r] = rs; }
     }
 }
 
-/* Gradients of the above: gx [R, D]; gw, gb [M, D] (sums over each member's rows, kept
-   per thread and added at the end). */
+/* Gradients of the above: gx [R, D]; gw, gb and, with lb, glb [M, D] (sums over each
+   member's rows, kept per thread and added at the end; glb is the sum of gx's rows). */
 int lna_backward(int act, const float *restrict g, const float *restrict x,
-                 const float *restrict w, const float *restrict b, const float *restrict mean,
-                 const float *restrict rstd, float *restrict gx, float *restrict gw,
-                 float *restrict gb, int64_t R, int64_t D, int64_t rpm, int64_t M) {
+                 const float *restrict lb, const float *restrict w, const float *restrict b,
+                 const float *restrict mean, const float *restrict rstd, float *restrict gx,
+                 float *restrict gw, float *restrict gb, float *restrict glb, int64_t R,
+                 int64_t D, int64_t rpm, int64_t M) {
     int nt = omp_get_max_threads();
-    int64_t MD = M * D;
-    float *part = (float *)calloc((size_t)nt * 2 * MD + (size_t)nt * 3 * D, sizeof(float));
+    int64_t MD = M * D, NP = lb ? 3 : 2;  /* per-thread partial sums: gw, gb (, glb) */
+    float *part = (float *)calloc((size_t)nt * NP * MD + (size_t)nt * 4 * D, sizeof(float));
     if (!part) return 1;
     #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num();
-        float *pw = part + (size_t)t * 2 * MD, *pb = pw + MD;
-        float *z = part + (size_t)nt * 2 * MD + (size_t)t * 3 * D, *xh = z + D, *gz = xh + D;
+        float *pw = part + (size_t)t * NP * MD, *pb = pw + MD, *plb = pb + MD;
+        float *z = part + (size_t)nt * NP * MD + (size_t)t * 4 * D, *xh = z + D, *gz = xh + D;
+        float *xs = gz + D;
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < R; r++) {
             int64_t m = r / rpm;
@@ -176,6 +198,12 @@ int lna_backward(int act, const float *restrict g, const float *restrict x,
             float *pwm = pw + m * D, *pbm = pb + m * D, *gxr = gx + r * D;
             const float *gr = g + r * D;
             float mu = mean[r], rs = rstd[r], s1 = 0.f, s2 = 0.f;
+            if (lb) {  /* the forward's input row, x + lb, as it computed it */
+                const float *lm = lb + m * D;
+                #pragma omp simd
+                for (int64_t i = 0; i < D; i++) xs[i] = xr[i] + lm[i];
+                xr = xs;
+            }
             if (act == 0) {  /* Mish: its derivative fused into the same pass */
                 #pragma omp simd reduction(+:s1, s2)
                 for (int64_t i = 0; i < D; i++) {
@@ -214,12 +242,18 @@ int lna_backward(int act, const float *restrict g, const float *restrict x,
             s2 /= (float)D;
             #pragma omp simd
             for (int64_t i = 0; i < D; i++) gxr[i] = rs * (gz[i] - s1 - xh[i] * s2);
+            if (lb) {
+                float *plm = plb + m * D;
+                #pragma omp simd
+                for (int64_t i = 0; i < D; i++) plm[i] += gxr[i];
+            }
         }
         #pragma omp for schedule(static)
-        for (int64_t j = 0; j < 2 * MD; j++) {
+        for (int64_t j = 0; j < NP * MD; j++) {
             float acc = 0.f;
-            for (int u = 0; u < nt; u++) acc += part[(size_t)u * 2 * MD + j];
-            if (j < MD) gw[j] = acc; else gb[j - MD] = acc;
+            for (int u = 0; u < nt; u++) acc += part[(size_t)u * NP * MD + j];
+            if (j < MD) gw[j] = acc; else if (j < 2 * MD) gb[j - MD] = acc;
+            else glb[j - 2 * MD] = acc;
         }
     }
     free(part);
@@ -236,9 +270,9 @@ def _library():
     lib = native.load("layer_norm_act", _SOURCE, openmp=True, flags=_CFLAGS)
     if lib is not None and lib.lna_forward.argtypes is None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.lna_forward.argtypes = [ctypes.c_int] + [p] * 6 + [i64] * 3 + [ctypes.c_float]
+        lib.lna_forward.argtypes = [ctypes.c_int] + [p] * 7 + [i64] * 3 + [ctypes.c_float]
         lib.lna_forward.restype = None
-        lib.lna_backward.argtypes = [ctypes.c_int] + [p] * 9 + [i64] * 4
+        lib.lna_backward.argtypes = [ctypes.c_int] + [p] * 11 + [i64] * 4
         lib.lna_backward.restype = ctypes.c_int
     return lib
 
@@ -266,51 +300,61 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def _forward(act, h, w, b, eps, rpm, save):
-    """y, and (mean, rstd) per row when `save` (for the backward)."""
+def _forward(act, h, w, b, eps, rpm, save, bias=None):
+    """y, and (mean, rstd) per row when `save` (for the backward); `bias` (w's shape) is
+    added to h first."""
     R, D = h.numel() // h.shape[-1], h.shape[-1]
     y = torch.empty_like(h)
     mean = torch.empty(R) if save else None
     rstd = torch.empty(R) if save else None
     with native.profiled(f"tdmpc2::layer_norm_{act}"):
-        _library().lna_forward(_ACTS[act], h.data_ptr(), w.data_ptr(), b.data_ptr(),
-                               y.data_ptr(), _ptr(mean), _ptr(rstd), R, D, rpm, eps)
+        _library().lna_forward(_ACTS[act], h.data_ptr(), _ptr(bias), w.data_ptr(),
+                               b.data_ptr(), y.data_ptr(), _ptr(mean), _ptr(rstd), R, D, rpm,
+                               eps)
     return y, mean, rstd
 
 
-def _backward(act, grad, h, w, b, mean, rstd, rpm):
-    """Gradients for h, and for w, b (contiguous, of w's shape), from the saved rows."""
+def _backward(act, grad, h, w, b, mean, rstd, rpm, bias=None):
+    """Gradients for h, and for w, b (contiguous, of w's shape), from the saved rows; with
+    `bias` (added to h in the forward) also its gradient, else None."""
     R, D = h.numel() // h.shape[-1], h.shape[-1]
     members = w.numel() // D
     grad = grad.contiguous()
     gx, gw, gb = torch.empty_like(h), torch.empty_like(w), torch.empty_like(b)
+    glb = None if bias is None else torch.empty_like(bias)
     with native.profiled(f"tdmpc2::layer_norm_{act}_backward"):
-        status = _library().lna_backward(_ACTS[act], grad.data_ptr(), h.data_ptr(), w.data_ptr(),
-                                         b.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                                         gx.data_ptr(), gw.data_ptr(), gb.data_ptr(), R, D, rpm,
+        status = _library().lna_backward(_ACTS[act], grad.data_ptr(), h.data_ptr(),
+                                         _ptr(bias), w.data_ptr(), b.data_ptr(),
+                                         mean.data_ptr(), rstd.data_ptr(), gx.data_ptr(),
+                                         gw.data_ptr(), gb.data_ptr(), _ptr(glb), R, D, rpm,
                                          members)
     if status != 0:
         raise MemoryError(f"layer_norm_{act}: could not allocate the backward's buffers")
-    return gx, gw, gb
+    return gx, gw, gb, glb
 
 
 class _LayerNormAct(torch.autograd.Function):
+    """The fused forward and backward; `bias` (or None) is added to h first."""
+
     @staticmethod
-    def forward(ctx, h, w, b, eps, rpm, act):
+    def forward(ctx, h, w, b, eps, rpm, act, bias=None):
         wc, bc = w.detach().contiguous(), b.detach().contiguous()
-        y, mean, rstd = _forward(act, h, wc, bc, eps, rpm, True)
-        ctx.save_for_backward(h, wc, bc, mean, rstd)
+        lbc = None if bias is None else bias.detach().contiguous()
+        y, mean, rstd = _forward(act, h, wc, bc, eps, rpm, True, lbc)
+        ctx.save_for_backward(h, wc, bc, mean, rstd, lbc)
         ctx.rpm, ctx.act, ctx.w_shape = rpm, act, w.shape
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        h, w, b, mean, rstd = ctx.saved_tensors
-        gx, gw, gb = _backward(ctx.act, grad, h, w, b, mean, rstd, ctx.rpm)
+        h, w, b, mean, rstd, lb = ctx.saved_tensors
+        gx, gw, gb, glb = _backward(ctx.act, grad, h, w, b, mean, rstd, ctx.rpm, lb)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_lb = len(ctx.needs_input_grad) > 6 and ctx.needs_input_grad[6]
         return (gx if need_x else None, gw.view(ctx.w_shape) if need_w else None,
-                gb.view(ctx.w_shape) if need_b else None, None, None, None)
+                gb.view(ctx.w_shape) if need_b else None, None, None, None,
+                glb.view(ctx.w_shape) if need_lb and glb is not None else None)
 
 
 # Under torch.compile, the activations whose fused kernel runs as a custom op inside the
@@ -340,7 +384,7 @@ def _layer_norm_act_backward_op(grad: torch.Tensor, h: torch.Tensor, w: torch.Te
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused backward as an op: gradients for h, w and b."""
     return _backward(act, grad, h.contiguous(), w.contiguous(), b.contiguous(), mean, rstd,
-                     rpm)
+                     rpm)[:3]
 
 
 @_layer_norm_act_backward_op.register_fake
@@ -375,32 +419,46 @@ def fused_applies(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: str = 
             and fused_available())
 
 
-def _layer_norm_act(act, h, w, b, eps):
-    if not fused_applies(h, w, b, act):
+def _layer_norm_act(act, h, w, b, eps, bias=None):
+    if not fused_applies(h, w, b, act) or (bias is not None and (
+            bias.shape != w.shape or bias.dtype != w.dtype)):
         return None
     rpm = _affine_rows(h, w)[1]
+    grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad or b.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+    if bias is not None and torch.compiler.is_compiling():
+        h = h + bias  # for inductor to fuse
     if torch.compiler.is_compiling():
         return torch.ops.tdmpc2.layer_norm_act(h, w, b, float(eps), rpm, act)[0]
-    if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad or b.requires_grad):
-        return _LayerNormAct.apply(h, w, b, float(eps), rpm, act)
-    return _forward(act, h, w.contiguous(), b.contiguous(), float(eps), rpm, False)[0]
+    if grad:
+        return _LayerNormAct.apply(h, w, b, float(eps), rpm, act, bias)
+    return _forward(act, h, w.contiguous(), b.contiguous(), float(eps), rpm, False,
+                    None if bias is None else bias.contiguous())[0]
 
 
 def layer_norm_mish(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                    eps: float = 1e-5) -> torch.Tensor | None:
-    """mish(layer_norm(h) * w + b) by the fused kernel, or None where it does not apply
-    (the caller then runs its PyTorch ops).
+                    eps: float = 1e-5, *, bias: torch.Tensor | None = None
+                    ) -> torch.Tensor | None:
+    """mish(layer_norm(h + bias) * w + b) by the fused kernel, or None where it does not
+    apply (the caller then runs its PyTorch ops, adding `bias` itself).
+
+    `bias` (optional, w's shape) is the preceding Linear layer's bias: a product run
+    without it (a plain matmul into a fresh buffer) plus this add is the Linear, without
+    the pass that writes the broadcast bias into the product's output first. Without
+    autograd the kernel adds it on the fly.
 
     Shapes: h [..., D] with w, b [D]; or h [M, N, D] with w, b [M, 1, D] (ensembles).
     """
-    return _layer_norm_act("mish", h, w, b, eps)
+    return _layer_norm_act("mish", h, w, b, eps, bias)
 
 
 def layer_norm_simnorm(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float = 1e-5,
-                       dim: int = 8) -> torch.Tensor | None:
-    """SimNorm(layer_norm(h) * w + b) (softmax over groups of `dim` units) by the fused
-    kernel, or None where it does not apply (groups of 8 only). Shapes as `layer_norm_mish`.
+                       dim: int = 8, *, bias: torch.Tensor | None = None
+                       ) -> torch.Tensor | None:
+    """SimNorm(layer_norm(h + bias) * w + b) (softmax over groups of `dim` units) by the
+    fused kernel, or None where it does not apply (groups of 8 only). `bias` and shapes as
+    `layer_norm_mish`.
     """
     if dim != 8 or h.shape[-1] % 8:
         return None
-    return _layer_norm_act("simnorm", h, w, b, eps)
+    return _layer_norm_act("simnorm", h, w, b, eps, bias)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from components.fused import layer_norm_mish, layer_norm_simnorm
+from components.fused import fused_available, layer_norm_mish, layer_norm_simnorm
 from rlcore import gemm
 from rlcore.bernoulli import dropout as _dropout
 
@@ -44,6 +44,18 @@ def reference_kernels() -> Iterator[None]:
             yield
     finally:
         _REFERENCE = saved
+
+
+def folds_bias(x: torch.Tensor) -> bool:
+    """Whether a Linear followed by a fused LayerNorm kernel runs its product without the
+    bias and lets the kernel add it (eager CPU code). An `addmm` first writes the
+    broadcast bias into its output and then accumulates the product onto it, a full extra
+    pass over the output, and its backward sums the output gradient's rows in another;
+    the kernel adds the bias to each row while the row sits in L1, and its backward sums
+    the rows' gradients as it writes them. The product is then a plain matmul, so values
+    change at float32 rounding level (the bias is added after the product, not before)."""
+    return (not _REFERENCE and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.compiler.is_compiling() and fused_available())
 
 
 def _compiled_off_cpu(x: torch.Tensor) -> bool:
@@ -161,24 +173,32 @@ class NormedLinear(nn.Sequential):
         super().__init__(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.post_linear(self[0](x))
+        lin = self[0]
+        if lin.bias is not None and folds_bias(x) and len(self) == 3:
+            # the product without its bias, which the fused kernel adds (no dropout here)
+            return self.post_linear(gemm.linear(x, lin.weight), bias=lin.bias)
+        return self.post_linear(lin(x))
 
-    def post_linear(self, h: torch.Tensor) -> torch.Tensor:
+    def post_linear(self, h: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Everything after the Linear: (Dropout ->) LayerNorm -> activation. LayerNorm
         followed by Mish or SimNorm runs as one fused kernel where it applies
-        (`components.fused`)."""
+        (`components.fused`). `bias`: the Linear's, when h is its product without it."""
         *pre, ln, act = list(self)[1:]
+        if bias is not None and pre:
+            h, bias = h + bias, None
         for layer in pre:
             h = layer(h)
         if (not _REFERENCE and ln.weight is not None and ln.bias is not None
                 and len(ln.normalized_shape) == 1):
             y = None
             if isinstance(act, Mish):
-                y = layer_norm_mish(h, ln.weight, ln.bias, ln.eps)
+                y = layer_norm_mish(h, ln.weight, ln.bias, ln.eps, bias=bias)
             elif isinstance(act, SimNorm):
-                y = layer_norm_simnorm(h, ln.weight, ln.bias, ln.eps, act.dim)
+                y = layer_norm_simnorm(h, ln.weight, ln.bias, ln.eps, act.dim, bias=bias)
             if y is not None:
                 return y
+        if bias is not None:
+            h = h + bias
         return act(ln(h))
 
 
@@ -224,16 +244,20 @@ def concat_mlp(net: nn.Sequential, z: torch.Tensor, a: torch.Tensor) -> torch.Te
     if _REFERENCE or not isinstance(first, nn.Linear):
         return net(torch.cat(broadcast_pair(z, a), -1))
     L = z.shape[-1]
+    mods = list(net)
+    # the fused kernel after the first Linear adds its bias (see `folds_bias`)
+    fold = (isinstance(mods[0], NormedLinear) and first.bias is not None
+            and folds_bias(z))
+    bias = None if fold else first.bias
     if z.shape[:-1] == a.shape[:-1]:
         cols = grad_columns(z, a)
         if cols is None:
             return net(torch.cat([z, a], -1))
-        h = gemm.linear(torch.cat([z, a], -1), first.weight, first.bias, grad_cols=cols)
+        h = gemm.linear(torch.cat([z, a], -1), first.weight, bias, grad_cols=cols)
     else:
-        h = F.linear(a, first.weight[:, L:], first.bias) + F.linear(z, first.weight[:, :L])
-    mods = list(net)
+        h = F.linear(a, first.weight[:, L:], bias) + F.linear(z, first.weight[:, :L])
     if isinstance(mods[0], NormedLinear):
-        h = mods[0].post_linear(h)
+        h = mods[0].post_linear(h, bias=first.bias if fold else None)
     for layer in mods[1:]:
         h = layer(h)
     return h
@@ -289,11 +313,21 @@ def grad_columns(z: torch.Tensor, a: torch.Tensor) -> tuple[int, int] | None:
     return (0, L) if z.requires_grad else (L, L + a.shape[-1])
 
 
+def _member_products(x: torch.Tensor, w: torch.Tensor, idx: tuple[int, ...]) -> torch.Tensor:
+    """x[j] @ w[i_j] for members idx, one GEMM each, without bias or autograd (see
+    `folds_bias`). x [1 or m, N, in] (1: shared), w [M, in, out] -> [m, N, out]."""
+    x = x.contiguous()
+    out = x.new_empty(len(idx), x.shape[1], w.shape[2])
+    for j, i in enumerate(idx):
+        torch.mm(x[j if x.shape[0] > 1 else 0], w[i], out=out[j])
+    return out
+
+
 class _EnsembleLinear(torch.autograd.Function):
     """out[j] = x[j] @ w[i_j] + b[i_j] for members idx = (i_0, i_1, ...), one GEMM each.
 
     x [1 or m, N, in] (1: the same input for every member), w [M, in, out], b [M, 1, out]
-    -> [m, N, out]. The same function as `baddbmm(b[idx], x.expand(m, ...), w[idx])`;
+    (or None: plain products, the caller adds the bias, see `folds_bias`) -> [m, N, out]. The same function as `baddbmm(b[idx], x.expand(m, ...), w[idx])`;
     outputs and gradients are written in place into slices (no stacking copies), and
     members not in idx get zero gradient, as indexing would give them. With `grad_cols`
     = (lo, hi) the caller promises that only input columns lo..hi-1 feed something that
@@ -303,12 +337,16 @@ class _EnsembleLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                 idx: tuple[int, ...], grad_cols: tuple[int, int] | None = None) -> torch.Tensor:
-        x = x.contiguous()
-        out = x.new_empty(len(idx), x.shape[1], w.shape[2])
-        for j, i in enumerate(idx):
-            torch.addmm(b[i], x[j if x.shape[0] > 1 else 0], w[i], out=out[j])
+        if b is None:  # the caller adds the bias (see `folds_bias`)
+            out = _member_products(x, w, idx)
+            x = x.contiguous()
+        else:
+            x = x.contiguous()
+            out = x.new_empty(len(idx), x.shape[1], w.shape[2])
+            for j, i in enumerate(idx):
+                torch.addmm(b[i], x[j if x.shape[0] > 1 else 0], w[i], out=out[j])
         ctx.save_for_backward(x, w)
         ctx.idx, ctx.grad_cols = idx, grad_cols
         return out
@@ -319,7 +357,7 @@ class _EnsembleLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         idx = ctx.idx
         lo, hi = ctx.grad_cols or (0, x.shape[-1])
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]  # need_b: False without b
         grad = grad.contiguous()
         every = idx == tuple(range(w.shape[0]))
         shared = x.shape[0] == 1
@@ -454,9 +492,17 @@ class EnsembleMLP(nn.Module):
             out = self._members_without_grad(h[0], idx)  # [m, N, out], planning, TD targets
             return out.view(out.shape[0], *lead, out.shape[-1])
         compiled_cpu = x.device.type == "cpu" and torch.compiler.is_compiling()
+        fold = idx is not None and folds_bias(x)  # the fused kernels add the hidden biases
         for i in range(self.num_layers):
             w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}")
-            if idx is not None:  # one GEMM per member, see _EnsembleLinear
+            bias = None
+            if (fold and i < self.num_layers - 1
+                    and not (i == 0 and self.dropout and self.training)):
+                # [m, N, out], without the bias, which the fused kernel adds
+                h = (_EnsembleLinear.apply(h, w, None, idx, input_grad_cols if i == 0 else None)
+                     if torch.is_grad_enabled() else _member_products(h, w, idx))
+                bias = b if members is None else b[members]
+            elif idx is not None:  # one GEMM per member, see _EnsembleLinear
                 h = _EnsembleLinear.apply(h, w, b, idx, input_grad_cols if i == 0 else None)
             elif i == 0 and input_grad_cols is not None and not _REFERENCE:
                 if members is not None:
@@ -482,7 +528,9 @@ class EnsembleMLP(nn.Module):
                 ln_w, ln_b = getattr(self, f"ln_w{i}"), getattr(self, f"ln_b{i}")
                 if members is not None:
                     ln_w, ln_b = ln_w[members], ln_b[members]
-                y = None if _REFERENCE else layer_norm_mish(h, ln_w, ln_b)  # fused, CPU
+                y = None if _REFERENCE else layer_norm_mish(h, ln_w, ln_b, bias=bias)  # fused
+                if y is None and bias is not None:
+                    h = h + bias
                 h = y if y is not None else mish(torch.addcmul(ln_b, F.layer_norm(h, h.shape[-1:]), ln_w))
         return h.reshape(h.shape[0], *lead, h.shape[-1])  # [M, ..., out]
 

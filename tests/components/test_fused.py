@@ -199,3 +199,50 @@ def test_compiled_simnorm_layer_calls_the_kernel_as_an_op(monkeypatch):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["mish", "simnorm"])
+@pytest.mark.parametrize("shape, wshape", [((9, 32), (32,)), ((3, 6, 40), (3, 1, 40))])
+def test_the_kernel_adds_the_linear_bias_as_an_add_before_it_would(kind, shape, wshape):
+    """`bias=`: the same values as adding it first, bit for bit without autograd (the
+    kernel adds it in float32 as the op would), and its gradient with autograd."""
+    fn, _ = KINDS[kind]
+    h, w, b, g = _case(shape, wshape)
+    lb = torch.randn(*wshape)
+    with torch.no_grad():
+        assert torch.equal(fn(h, w, b, bias=lb), fn(h + lb, w, b))
+    lb_g = lb.clone().requires_grad_()
+    y = fn(h, w, b, bias=lb_g)
+    y.backward(g)
+    lb_ref = lb.clone().requires_grad_()
+    fn(h + lb_ref, w, b).backward(g)
+    torch.testing.assert_close(lb_g.grad, lb_ref.grad)
+    assert fn(h, w, b, bias=lb[..., :-8]) is None  # a bias of another shape: not taken
+
+
+@needs_kernel
+def test_layers_without_autograd_leave_the_bias_to_the_kernel(monkeypatch):
+    """Planning and TD targets: hidden layers run their products without the bias and the
+    fused kernel adds it (`layers.folds_bias`); outputs equal the plain layers'."""
+    torch.manual_seed(0)
+    ens = EnsembleMLP(5, 40, [32, 32], 7, dropout=0.01).eval()
+    lin = NormedLinear(40, 32)
+    sim = NormedLinear(40, 32, act=layers.SimNorm(8))
+    x = torch.randn(9, 40)
+
+    def run():
+        with torch.no_grad():
+            return [ens(x), ens(x, members=torch.tensor([3, 1])), lin(x), sim(x)]
+
+    biases = []
+    real = fused._forward
+    monkeypatch.setattr(fused, "_forward", lambda *a: biases.append(a[7] is not None)
+                        or real(*a))
+    got = run()
+    # 2 hidden layers x (5 members, then 2), one Mish layer, one SimNorm layer
+    assert biases == [True] * 6, biases
+    with reference_kernels():
+        want = run()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
