@@ -350,11 +350,10 @@ class _LayerNormAct(torch.autograd.Function):
     def backward(ctx, grad):
         h, w, b, mean, rstd, lb = ctx.saved_tensors
         gx, gw, gb, glb = _backward(ctx.act, grad, h, w, b, mean, rstd, ctx.rpm, lb)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_lb = len(ctx.needs_input_grad) > 6 and ctx.needs_input_grad[6]
+        need_x, need_w, need_b, *_, need_lb = ctx.needs_input_grad
         return (gx if need_x else None, gw.view(ctx.w_shape) if need_w else None,
                 gb.view(ctx.w_shape) if need_b else None, None, None, None,
-                glb.view(ctx.w_shape) if need_lb and glb is not None else None)
+                glb.view(ctx.w_shape) if need_lb else None)
 
 
 # Under torch.compile, the activations whose fused kernel runs as a custom op inside the
@@ -426,9 +425,9 @@ def _layer_norm_act(act, h, w, b, eps, bias=None):
     rpm = _affine_rows(h, w)[1]
     grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad or b.requires_grad
                                         or (bias is not None and bias.requires_grad))
-    if bias is not None and torch.compiler.is_compiling():
-        h = h + bias  # for inductor to fuse
     if torch.compiler.is_compiling():
+        if bias is not None:
+            h = h + bias  # for inductor to fuse
         return torch.ops.tdmpc2.layer_norm_act(h, w, b, float(eps), rpm, act)[0]
     if grad:
         return _LayerNormAct.apply(h, w, b, float(eps), rpm, act, bias)

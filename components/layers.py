@@ -327,9 +327,10 @@ class _EnsembleLinear(torch.autograd.Function):
     """out[j] = x[j] @ w[i_j] + b[i_j] for members idx = (i_0, i_1, ...), one GEMM each.
 
     x [1 or m, N, in] (1: the same input for every member), w [M, in, out], b [M, 1, out]
-    (or None: plain products, the caller adds the bias, see `folds_bias`) -> [m, N, out]. The same function as `baddbmm(b[idx], x.expand(m, ...), w[idx])`;
-    outputs and gradients are written in place into slices (no stacking copies), and
-    members not in idx get zero gradient, as indexing would give them. With `grad_cols`
+    (or None: plain products, the caller adds the bias, see `folds_bias`) -> [m, N, out].
+    The same function as `baddbmm(b[idx], x.expand(m, ...), w[idx])`; outputs and
+    gradients are written in place into slices (no stacking copies), and members not in
+    idx get zero gradient, as indexing would give them. With `grad_cols`
     = (lo, hi) the caller promises that only input columns lo..hi-1 feed something that
     needs a gradient (a latent concatenated with an action, one of them without
     gradient; see `grad_columns`): the other columns' input gradient is returned as zero
@@ -339,11 +340,10 @@ class _EnsembleLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                 idx: tuple[int, ...], grad_cols: tuple[int, int] | None = None) -> torch.Tensor:
+        x = x.contiguous()
         if b is None:  # the caller adds the bias (see `folds_bias`)
             out = _member_products(x, w, idx)
-            x = x.contiguous()
         else:
-            x = x.contiguous()
             out = x.new_empty(len(idx), x.shape[1], w.shape[2])
             for j, i in enumerate(idx):
                 torch.addmm(b[i], x[j if x.shape[0] > 1 else 0], w[i], out=out[j])
@@ -495,15 +495,15 @@ class EnsembleMLP(nn.Module):
         fold = idx is not None and folds_bias(x)  # the fused kernels add the hidden biases
         for i in range(self.num_layers):
             w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}")
-            bias = None
-            if (fold and i < self.num_layers - 1
-                    and not (i == 0 and self.dropout and self.training)):
-                # [m, N, out], without the bias, which the fused kernel adds
-                h = (_EnsembleLinear.apply(h, w, None, idx, input_grad_cols if i == 0 else None)
-                     if torch.is_grad_enabled() else _member_products(h, w, idx))
-                bias = b if members is None else b[members]
+            # hidden layers without dropout leave their bias to the fused kernel
+            folded = (fold and i < self.num_layers - 1
+                      and not (i == 0 and self.dropout and self.training))
+            bias = (b if members is None else b[members]) if folded else None
+            if folded and not torch.is_grad_enabled():
+                h = _member_products(h, w, idx)  # [m, N, out], without the bias
             elif idx is not None:  # one GEMM per member, see _EnsembleLinear
-                h = _EnsembleLinear.apply(h, w, b, idx, input_grad_cols if i == 0 else None)
+                h = _EnsembleLinear.apply(h, w, None if folded else b, idx,
+                                          input_grad_cols if i == 0 else None)
             elif i == 0 and input_grad_cols is not None and not _REFERENCE:
                 if members is not None:
                     w, b = w[members], b[members]  # [m, in, out], [m, 1, out]
