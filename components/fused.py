@@ -21,17 +21,17 @@ loops vectorize without -ffast-math; Mish uses the same one-exponential form as
 `F.mish(F.layer_norm(h) * w + b)` to float32 rounding (tests compare both against a
 float64 reference).
 
-Used on CPU for float32 contiguous activations in eager mode (planning, eager updates).
-Elsewhere (CUDA, other dtypes, `reference_kernels()`, or where the kernel cannot be built:
-see `rlcore.native`) the plain PyTorch ops run. Under torch.compile, LayerNorm -> SimNorm
-calls the kernel as the custom ops `tdmpc2::layer_norm_act` and its backward: inductor's
-own kernel for a softmax over groups of 8 took 6.1 ms for [4288, 512] against the
-kernel's 1.0 ms, and compiled planning at E=8 went from 2323.1 to 2215.3 ms, updates
-from 242.7 to 237.2 ms (one agent switching graphs call by call). LayerNorm -> Mish is
-left to inductor's fusion there: as an op it measured no faster in compiled updates
-(288.0 vs 286.8 ms; 239.7 vs 237.2 ms on top of the SimNorm op) and slower in compiled
-planning (352.0 vs 322.7 ms; 278.9 vs 271.6 ms on top of the SimNorm op), where it keeps
-inductor from fusing LayerNorm with the ops around it.
+Used on CPU for float32 activations, in eager mode (planning, eager updates) and in
+CPU graphs compiled by torch.compile. Elsewhere (CUDA, other dtypes, `reference_kernels()`,
+or where the kernel cannot be built: see `rlcore.native`) the plain PyTorch ops run.
+Compiled graphs call the kernels as the custom ops `tdmpc2::layer_norm_act` and its
+backward, with the Linear's bias passed in as in eager code. For SimNorm, inductor's own
+kernel for a softmax over groups of 8 took 6.1 ms for [4288, 512] against the kernel's
+1.0 ms. For Mish, the op alone measured no faster than inductor's fusion (the Linear
+before it stayed an `addmm`, whose output starts as a copy of the broadcast bias); with
+the bias folded into the op as well, compiled dog-run planning at E=8 went from 2561,
+2504 and 2566 ms to 2398, 2417 and 2462 ms (three alternating runs, medians of 6 calls),
+the update from 266.7 to 261.7 ms, E=1 planning from 332.7 to 330.1 ms.
 """
 
 from __future__ import annotations
@@ -356,22 +356,19 @@ class _LayerNormAct(torch.autograd.Function):
                 glb.view(ctx.w_shape) if need_lb else None)
 
 
-# Under torch.compile, the activations whose fused kernel runs as a custom op inside the
-# compiled graph (the others are left to inductor's own fusion).
-_COMPILED_ACTS = ("simnorm",)
-
-
+# Compiled graphs call the kernels through these ops (see the module docstring).
 @torch.library.custom_op("tdmpc2::layer_norm_act", mutates_args=())
 def _layer_norm_act_op(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, rpm: int,
-                       act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       act: str, bias: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused forward as an op that compiled graphs call: (y, mean, rstd per row)."""
     y, mean, rstd = _forward(act, h.contiguous(), w.contiguous(), b.contiguous(), eps, rpm,
-                             True)
+                             True, None if bias is None else bias.contiguous())
     return y, mean, rstd
 
 
 @_layer_norm_act_op.register_fake
-def _(h, w, b, eps, rpm, act):
+def _(h, w, b, eps, rpm, act, bias=None):
     rows = h.numel() // h.shape[-1]
     return (h.new_empty(h.shape), h.new_empty(rows), h.new_empty(rows))
 
@@ -379,30 +376,33 @@ def _(h, w, b, eps, rpm, act):
 @torch.library.custom_op("tdmpc2::layer_norm_act_backward", mutates_args=())
 def _layer_norm_act_backward_op(grad: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
                                 b: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                                rpm: int, act: str
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused backward as an op: gradients for h, w and b."""
-    return _backward(act, grad, h.contiguous(), w.contiguous(), b.contiguous(), mean, rstd,
-                     rpm)[:3]
+                                rpm: int, act: str, bias: torch.Tensor | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused backward as an op: gradients for h, w, b and bias (empty without)."""
+    gx, gw, gb, glb = _backward(act, grad, h.contiguous(), w.contiguous(), b.contiguous(),
+                                mean, rstd, rpm, None if bias is None else bias.contiguous())
+    return gx, gw, gb, (glb if glb is not None else h.new_empty(0))
 
 
 @_layer_norm_act_backward_op.register_fake
-def _(grad, h, w, b, mean, rstd, rpm, act):
-    return h.new_empty(h.shape), w.new_empty(w.shape), b.new_empty(b.shape)
+def _(grad, h, w, b, mean, rstd, rpm, act, bias=None):
+    return (h.new_empty(h.shape), w.new_empty(w.shape), b.new_empty(b.shape),
+            h.new_empty(0) if bias is None else bias.new_empty(bias.shape))
 
 
 def _op_setup_context(ctx, inputs, output):
-    h, w, b, _, rpm, act = inputs
+    h, w, b, _, rpm, act, *rest = inputs
+    bias = rest[0] if rest else None
     _, mean, rstd = output
-    ctx.save_for_backward(h, w, b, mean, rstd)
+    ctx.save_for_backward(h, w, b, mean, rstd, bias)
     ctx.rpm, ctx.act = rpm, act
 
 
 def _op_backward(ctx, grad, _grad_mean, _grad_rstd):
-    h, w, b, mean, rstd = ctx.saved_tensors
-    gx, gw, gb = torch.ops.tdmpc2.layer_norm_act_backward(grad, h, w, b, mean, rstd, ctx.rpm,
-                                                          ctx.act)
-    return gx, gw, gb, None, None, None
+    h, w, b, mean, rstd, bias = ctx.saved_tensors
+    gx, gw, gb, glb = torch.ops.tdmpc2.layer_norm_act_backward(grad, h, w, b, mean, rstd,
+                                                               ctx.rpm, ctx.act, bias)
+    return gx, gw, gb, None, None, None, (glb.view(bias.shape) if bias is not None else None)
 
 
 _layer_norm_act_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -414,7 +414,7 @@ def fused_applies(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: str = 
             and b.dtype == torch.float32 and h.numel() > 0
             and w.shape == b.shape and _affine_rows(h, w) is not None
             and w.shape[-1] == h.shape[-1]
-            and (act in _COMPILED_ACTS if torch.compiler.is_compiling() else h.is_contiguous())
+            and (torch.compiler.is_compiling() or h.is_contiguous())
             and fused_available())
 
 
@@ -426,9 +426,7 @@ def _layer_norm_act(act, h, w, b, eps, bias=None):
     grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad or b.requires_grad
                                         or (bias is not None and bias.requires_grad))
     if torch.compiler.is_compiling():
-        if bias is not None:
-            h = h + bias  # for inductor to fuse
-        return torch.ops.tdmpc2.layer_norm_act(h, w, b, float(eps), rpm, act)[0]
+        return torch.ops.tdmpc2.layer_norm_act(h, w, b, float(eps), rpm, act, bias)[0]
     if grad:
         return _LayerNormAct.apply(h, w, b, float(eps), rpm, act, bias)
     return _forward(act, h, w.contiguous(), b.contiguous(), float(eps), rpm, False,

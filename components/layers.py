@@ -48,14 +48,15 @@ def reference_kernels() -> Iterator[None]:
 
 def folds_bias(x: torch.Tensor) -> bool:
     """Whether a Linear followed by a fused LayerNorm kernel runs its product without the
-    bias and lets the kernel add it (eager CPU code). An `addmm` first writes the
+    bias and lets the kernel add it (CPU float32, eager and compiled: compiled graphs call
+    the kernel as an op, see `components.fused`). An `addmm` first writes the
     broadcast bias into its output and then accumulates the product onto it, a full extra
     pass over the output, and its backward sums the output gradient's rows in another;
     the kernel adds the bias to each row while the row sits in L1, and its backward sums
     the rows' gradients as it writes them. The product is then a plain matmul, so values
     change at float32 rounding level (the bias is added after the product, not before)."""
     return (not _REFERENCE and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.compiler.is_compiling() and fused_available())
+            and fused_available())
 
 
 def _compiled_off_cpu(x: torch.Tensor) -> bool:

@@ -170,32 +170,37 @@ def test_switched_off_the_layers_run_plain_pytorch(monkeypatch):
 
 
 @needs_kernel
-def test_compiled_simnorm_layer_calls_the_kernel_as_an_op(monkeypatch):
-    """Under torch.compile the LayerNorm -> SimNorm layer calls the fused kernel as the op
-    `tdmpc2::layer_norm_act` (inductor's own kernel for a softmax over groups of 8 was
-    several times slower), without a graph break; outputs and gradients equal eager's."""
+@pytest.mark.parametrize("kind", ["mish", "simnorm"])
+def test_compiled_layer_calls_the_kernel_as_an_op_with_the_bias(monkeypatch, kind):
+    """Under torch.compile a LayerNorm -> Mish / SimNorm layer calls the fused kernel as
+    the op `tdmpc2::layer_norm_act` (and its backward), without a graph break, and hands
+    it the Linear's bias as eager code does (`layers.folds_bias`): the product is a plain
+    matmul. Outputs and gradients, the bias's included, equal the plain layer's."""
     import torch._dynamo
 
     torch.manual_seed(0)
-    sim = NormedLinear(40, 32, act=layers.SimNorm(8))
+    layer = NormedLinear(40, 32, act=layers.SimNorm(8) if kind == "simnorm" else None)
     x = torch.randn(9, 40, requires_grad=True)
     wsum = torch.randn(32)
 
     def run(module):
         out = module(x)
-        grads = torch.autograd.grad((out * wsum).sum(), [x, *sim.parameters()])
+        grads = torch.autograd.grad((out * wsum).sum(), [x, *layer.parameters()])
         return out.detach(), grads
 
     with reference_kernels():
-        want = run(sim)
+        want = run(layer)
     torch._dynamo.reset()
-    assert torch._dynamo.explain(sim)(x).graph_break_count == 0
+    assert torch._dynamo.explain(layer)(x).graph_break_count == 0
     calls = []
     real_forward, real_backward = fused._forward, fused._backward
-    monkeypatch.setattr(fused, "_forward", lambda *a: calls.append(a[0]) or real_forward(*a))
-    monkeypatch.setattr(fused, "_backward", lambda *a: calls.append(a[0]) or real_backward(*a))
-    got = run(torch.compile(sim))
-    assert calls == ["simnorm", "simnorm"]  # the forward and the backward ran as ops
+    # (activation, whether the Linear's bias came in) of each kernel call
+    monkeypatch.setattr(fused, "_forward",
+                        lambda *a: calls.append((a[0], a[7] is not None)) or real_forward(*a))
+    monkeypatch.setattr(fused, "_backward",
+                        lambda *a: calls.append((a[0], a[8] is not None)) or real_backward(*a))
+    got = run(torch.compile(layer))
+    assert calls == [(kind, True), (kind, True)]  # the forward and the backward, as ops
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
