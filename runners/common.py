@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from rlcore import alloc
 from rlcore.config import ConfigError, load_gin
 
 __all__ = ["ConfigError", "RunError", "main", "make_parser", "select_device"]
@@ -112,6 +113,7 @@ def configure_logging() -> None:
 def main(argv: Sequence[str] | None, description: str, run: Callable[[argparse.Namespace], int]) -> int:
     """Parse flags, load gin, call `run(args)`; map user errors to exit code 2."""
     configure_logging()
+    alloc.keep_large_buffers()  # large tensors reuse freed heap memory (rlcore.alloc)
     args = make_parser(description).parse_args(argv)
     if args.list_components:
         sys.stdout.write(list_components() + "\n")
