@@ -408,7 +408,7 @@ def _op_backward(ctx, grad, _grad_mean, _grad_rstd):
 _layer_norm_act_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-def fused_applies(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: str = "mish") -> bool:
+def fused_applies(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `layer_norm_mish(h, w, b)` / `layer_norm_simnorm` would take a fused kernel."""
     return (h.device.type == "cpu" and h.dtype == torch.float32 and w.dtype == torch.float32
             and b.dtype == torch.float32 and h.numel() > 0
@@ -419,7 +419,7 @@ def fused_applies(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: str = 
 
 
 def _layer_norm_act(act, h, w, b, eps, bias=None):
-    if not fused_applies(h, w, b, act) or (bias is not None and (
+    if not fused_applies(h, w, b) or (bias is not None and (
             bias.shape != w.shape or bias.dtype != w.dtype)):
         return None
     rpm = _affine_rows(h, w)[1]

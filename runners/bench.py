@@ -41,7 +41,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlcore import alloc, gemm
+from rlcore import gemm
 from rlcore.config import load_gin
 from runners import common
 
@@ -512,8 +512,7 @@ def _parse_envs(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    common.configure_logging()
-    alloc.keep_large_buffers()  # large tensors reuse freed heap memory (rlcore.alloc)
+    common.configure_process()
     p = argparse.ArgumentParser(description="Benchmark planning, updates and online training.")
     p.add_argument("--gin_file", action="append", default=[],
                    help=f"gin file (repeatable; default {DEFAULT_GIN})")

@@ -110,10 +110,16 @@ def configure_logging() -> None:
     root.setLevel(logging.INFO)
 
 
+def configure_process() -> None:
+    """What every runner entry point sets up first: logging, and large CPU tensors that
+    reuse freed heap memory (`rlcore.alloc`)."""
+    configure_logging()
+    alloc.keep_large_buffers()
+
+
 def main(argv: Sequence[str] | None, description: str, run: Callable[[argparse.Namespace], int]) -> int:
     """Parse flags, load gin, call `run(args)`; map user errors to exit code 2."""
-    configure_logging()
-    alloc.keep_large_buffers()  # large tensors reuse freed heap memory (rlcore.alloc)
+    configure_process()
     args = make_parser(description).parse_args(argv)
     if args.list_components:
         sys.stdout.write(list_components() + "\n")

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from rlcore import alloc
 from runners import common
 from runners.common import ConfigError, RunError
 
@@ -90,8 +89,7 @@ def _evaluate(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    common.configure_logging()
-    alloc.keep_large_buffers()  # large tensors reuse freed heap memory (rlcore.alloc)
+    common.configure_process()
     args = _parser().parse_args(argv)
     if args.list_components:
         sys.stdout.write(common.list_components() + "\n")

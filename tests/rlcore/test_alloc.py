@@ -25,8 +25,9 @@ def _has_mallinfo2() -> bool:
 
 needs_glibc = pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
 
-# A fresh interpreter allocates 16 MiB, and prints the bytes glibc holds in memory maps
-# while it lives, then frees it and allocates it again and prints the heap's free bytes.
+# A fresh interpreter allocates 16 MiB and prints how many more bytes glibc holds in
+# memory maps while it lives, then frees it and prints whether the heap kept it as free
+# space for the next allocation.
 _PROBE = textwrap.dedent("""
     import ctypes, ctypes.util, sys
     from rlcore import alloc
