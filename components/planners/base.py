@@ -119,7 +119,8 @@ class PopulationPlanner:
         raise NotImplementedError
 
     # -- planning ---------------------------------------------------------------------
-    def compile(self, *, mode: str | None = None) -> None:
+    def compile(self, *, mode: str | None = None,
+                options: dict[str, Any] | None = None) -> None:
         """Compile the search (every iteration, the scoring rollouts, the refits and the
         action selection) with `torch.compile` as one graph per batch shape and mode.
 
@@ -129,7 +130,7 @@ class PopulationPlanner:
         first call per shape compiles (about a minute for dog-run's 5M model here).
         """
         draws.prepare(self.model)  # eager RNG and ordered draws: the same plans
-        self._search = torch.compile(self._search, mode=mode, dynamic=False)
+        self._search = torch.compile(self._search, mode=mode, options=options, dynamic=False)
 
     @torch.no_grad()
     def plan(self, z: torch.Tensor, is_first: torch.Tensor, *, eval_mode: bool = False) -> torch.Tensor:

@@ -107,6 +107,39 @@ def test_compiled_agent_matches_eager_on_cpu(monkeypatch, onednn):
 
 
 @pytest.mark.slow
+def test_compiled_agent_with_cpp_wrappers_matches_eager_on_cpu():
+    """`compile_cpp_wrapper`: the graphs' wrappers in C++ (the custom ops of the fused
+    kernels and the ordered draws called from C++) give the eager results."""
+    import torch._dynamo
+    import torch._inductor.config
+    from torch._inductor import output_code
+
+    torch._dynamo.reset()
+    built = []
+    init = output_code.CompiledFxGraph.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        built.append(torch._inductor.config.cpp_wrapper)
+
+    output_code.CompiledFxGraph.__init__ = recording
+    try:  # graphs loaded from inductor's caches are not built again: caches off
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            _compare("cpu", compile=True, compile_cpp_wrapper=True)
+    finally:
+        output_code.CompiledFxGraph.__init__ = init
+    assert built and all(built), f"graphs built without the C++ wrapper: {built}"
+
+
+def test_cpp_wrappers_need_compile_and_a_cpu():
+    with pytest.raises(ValueError, match="compile = True"):
+        _agent("cpu", compile_cpp_wrapper=True)
+    with pytest.raises(ValueError, match="for CPU agents"):
+        _agent("meta", compile=True, compile_cpp_wrapper=True)
+
+
+@pytest.mark.slow
 def test_compiled_cem_agent_matches_eager_on_every_pathway():
     """CEM, five Q members (a random pair per value), each update pathway, acting and
     evaluating: the compiled search and loss graphs give the eager results."""
