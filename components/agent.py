@@ -164,7 +164,7 @@ class TDMPC2Agent:
             raise ValueError(f"TDMPC2Agent.compile_cpp_wrapper is for CPU agents (it is "
                              f"tested there only), but the agent runs on {self.device}; "
                              "set TDMPC2Agent.compile_cpp_wrapper = False")
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs, self.compile_cpp_wrapper = cuda_graphs, compile_cpp_wrapper
         if compile:
             mode = "reduce-overhead" if cuda_graphs else None
             options = {"cpp_wrapper": True} if compile_cpp_wrapper else None

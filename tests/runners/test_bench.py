@@ -227,6 +227,17 @@ def test_bench_breaks_planning_and_update_time_down(tiny_bench):
     assert "Where the time goes" in stdout
 
 
+def test_table_says_why_a_part_was_not_profiled(tiny_bench):
+    """With C++ graph wrappers (`TDMPC2Agent.compile_cpp_wrapper`) the profiler sees whole
+    graphs only, so the bench skips the breakdown and says so instead of printing zeros."""
+    result, _ = tiny_bench
+    result = {k: ({kk: vv for kk, vv in v.items() if kk != "breakdown"}
+                  if isinstance(v, dict) else v) for k, v in result.items()}
+    assert "Where the time goes" not in bench.format_table(result)
+    result["breakdown_note"] = "not profiled: why"
+    assert "Where the time goes: not profiled: why." in bench.format_table(result)
+
+
 def test_end_to_end_shares_cover_the_wall_time(tiny_bench):
     result, _ = tiny_bench
     e2e = result["end_to_end"]
