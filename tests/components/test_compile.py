@@ -111,6 +111,7 @@ def test_compiled_agent_with_cpp_wrappers_matches_eager_on_cpu():
     """`compile_cpp_wrapper`: the graphs' wrappers in C++ (the custom ops of the fused
     kernels and the ordered draws called from C++) give the eager results."""
     import torch._dynamo
+    import torch._functorch.config
     import torch._inductor.config
     from torch._inductor import output_code
 
