@@ -334,13 +334,19 @@ def _backward(act, grad, h, w, b, mean, rstd, rpm, bias=None):
 
 
 class _LayerNormAct(torch.autograd.Function):
-    """The fused forward and backward; `bias` (or None) is added to h first."""
+    """The fused forward and backward; `bias` (or None) is added to h first. Eager code
+    calls the kernels directly; compiled graphs trace this function and call the kernels
+    as the ops below, which have no autograd kernel of their own (its Python wrapper
+    would run on every call, gradients or not)."""
 
     @staticmethod
     def forward(ctx, h, w, b, eps, rpm, act, bias=None):
         wc, bc = w.detach().contiguous(), b.detach().contiguous()
         lbc = None if bias is None else bias.detach().contiguous()
-        y, mean, rstd = _forward(act, h, wc, bc, eps, rpm, True, lbc)
+        if torch.compiler.is_compiling():
+            y, mean, rstd = torch.ops.tdmpc2.layer_norm_act(h, wc, bc, eps, rpm, act, lbc)
+        else:
+            y, mean, rstd = _forward(act, h, wc, bc, eps, rpm, True, lbc)
         ctx.save_for_backward(h, wc, bc, mean, rstd, lbc)
         ctx.rpm, ctx.act, ctx.w_shape = rpm, act, w.shape
         return y
@@ -349,7 +355,11 @@ class _LayerNormAct(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         h, w, b, mean, rstd, lb = ctx.saved_tensors
-        gx, gw, gb, glb = _backward(ctx.act, grad, h, w, b, mean, rstd, ctx.rpm, lb)
+        if torch.compiler.is_compiling():
+            gx, gw, gb, glb = torch.ops.tdmpc2.layer_norm_act_backward(
+                grad, h, w, b, mean, rstd, ctx.rpm, ctx.act, lb)
+        else:
+            gx, gw, gb, glb = _backward(ctx.act, grad, h, w, b, mean, rstd, ctx.rpm, lb)
         need_x, need_w, need_b, *_, need_lb = ctx.needs_input_grad
         return (gx if need_x else None, gw.view(ctx.w_shape) if need_w else None,
                 gb.view(ctx.w_shape) if need_b else None, None, None, None,
@@ -396,29 +406,6 @@ def _(grad, h, w, b, mean, rstd, rpm, act, bias=None):
             h.new_empty(0) if bias is None else bias.new_empty(bias.shape))
 
 
-class _LayerNormActOp(torch.autograd.Function):
-    """`_LayerNormAct` for compiled graphs: the forward and backward call the ops (traced
-    into the graph; the ops themselves have no autograd kernel, whose Python wrapper would
-    run on every call, gradients or not)."""
-
-    @staticmethod
-    def forward(ctx, h, w, b, eps, rpm, act, bias=None):
-        y, mean, rstd = torch.ops.tdmpc2.layer_norm_act(h, w, b, eps, rpm, act, bias)
-        ctx.save_for_backward(h, w, b, mean, rstd, bias)
-        ctx.rpm, ctx.act = rpm, act
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, w, b, mean, rstd, bias = ctx.saved_tensors
-        gx, gw, gb, glb = torch.ops.tdmpc2.layer_norm_act_backward(
-            grad, h, w, b, mean, rstd, ctx.rpm, ctx.act, bias)
-        need_x, need_w, need_b, *_, need_lb = ctx.needs_input_grad
-        return (gx if need_x else None, gw.view(w.shape) if need_w else None,
-                gb.view(b.shape) if need_b else None, None, None, None,
-                glb.view(bias.shape) if need_lb and bias is not None else None)
-
-
 def fused_applies(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `layer_norm_mish(h, w, b)` / `layer_norm_simnorm` would take a fused kernel."""
     return (h.device.type == "cpu" and h.dtype == torch.float32 and w.dtype == torch.float32
@@ -436,12 +423,10 @@ def _layer_norm_act(act, h, w, b, eps, bias=None):
     rpm = _affine_rows(h, w)[1]
     grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad or b.requires_grad
                                         or (bias is not None and bias.requires_grad))
-    if torch.compiler.is_compiling():
-        if grad:
-            return _LayerNormActOp.apply(h, w, b, float(eps), rpm, act, bias)
-        return torch.ops.tdmpc2.layer_norm_act(h, w, b, float(eps), rpm, act, bias)[0]
     if grad:
         return _LayerNormAct.apply(h, w, b, float(eps), rpm, act, bias)
+    if torch.compiler.is_compiling():
+        return torch.ops.tdmpc2.layer_norm_act(h, w, b, float(eps), rpm, act, bias)[0]
     return _forward(act, h, w.contiguous(), b.contiguous(), float(eps), rpm, False,
                     None if bias is None else bias.contiguous())[0]
 
