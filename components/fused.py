@@ -36,13 +36,16 @@ the update from 266.7 to 261.7 ms, E=1 planning from 332.7 to 330.1 ms.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import time
+from typing import Iterator
 
 import torch
 
 from rlcore import native
 
-__all__ = ["layer_norm_mish", "layer_norm_simnorm", "fused_available"]
+__all__ = ["layer_norm_mish", "layer_norm_simnorm", "fused_available", "kernel_time"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -300,6 +303,42 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
+class KernelTime:
+    """Calls of the fused kernels (forward and backward) and the wall time spent in them,
+    counted while `kernel_time()` is active."""
+
+    def __init__(self) -> None:
+        self.calls, self.seconds = 0, 0.0
+
+
+_TIMER: KernelTime | None = None
+
+
+@contextlib.contextmanager
+def kernel_time() -> Iterator[KernelTime]:
+    """Count the fused kernels' calls and wall time (perf_counter around each C call, in
+    eager code and in compiled graphs, which call the kernels through the ops below):
+    what `runners.bench` subtracts to show the ratio to the matmul were they free. The
+    cost is two clock reads a call. Not reentrant (an inner one replaces the outer)."""
+    global _TIMER
+    saved, _TIMER = _TIMER, KernelTime()
+    try:
+        yield _TIMER
+    finally:
+        _TIMER = saved
+
+
+def _timed(fn, *args):
+    timer = _TIMER
+    if timer is None:
+        return fn(*args)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    timer.seconds += time.perf_counter() - t0
+    timer.calls += 1
+    return out
+
+
 def _forward(act, h, w, b, eps, rpm, save, bias=None):
     """y, and (mean, rstd) per row when `save` (for the backward); `bias` (w's shape) is
     added to h first."""
@@ -308,9 +347,8 @@ def _forward(act, h, w, b, eps, rpm, save, bias=None):
     mean = torch.empty(R) if save else None
     rstd = torch.empty(R) if save else None
     with native.profiled(f"tdmpc2::layer_norm_{act}"):
-        _library().lna_forward(_ACTS[act], h.data_ptr(), _ptr(bias), w.data_ptr(),
-                               b.data_ptr(), y.data_ptr(), _ptr(mean), _ptr(rstd), R, D, rpm,
-                               eps)
+        _timed(_library().lna_forward, _ACTS[act], h.data_ptr(), _ptr(bias), w.data_ptr(),
+               b.data_ptr(), y.data_ptr(), _ptr(mean), _ptr(rstd), R, D, rpm, eps)
     return y, mean, rstd
 
 
@@ -323,11 +361,10 @@ def _backward(act, grad, h, w, b, mean, rstd, rpm, bias=None):
     gx, gw, gb = torch.empty_like(h), torch.empty_like(w), torch.empty_like(b)
     glb = None if bias is None else torch.empty_like(bias)
     with native.profiled(f"tdmpc2::layer_norm_{act}_backward"):
-        status = _library().lna_backward(_ACTS[act], grad.data_ptr(), h.data_ptr(),
-                                         _ptr(bias), w.data_ptr(), b.data_ptr(),
-                                         mean.data_ptr(), rstd.data_ptr(), gx.data_ptr(),
-                                         gw.data_ptr(), gb.data_ptr(), _ptr(glb), R, D, rpm,
-                                         members)
+        status = _timed(_library().lna_backward, _ACTS[act], grad.data_ptr(),
+                        h.data_ptr(), _ptr(bias), w.data_ptr(), b.data_ptr(),
+                        mean.data_ptr(), rstd.data_ptr(), gx.data_ptr(), gw.data_ptr(),
+                        gb.data_ptr(), _ptr(glb), R, D, rpm, members)
     if status != 0:
         raise MemoryError(f"layer_norm_{act}: could not allocate the backward's buffers")
     return gx, gw, gb, glb

@@ -13,7 +13,11 @@ One run reports, for a gin config (default: dog-run, 5M model, paper planner set
   matmul's GFLOP/s measured in the same run, so efficiency is a ratio that survives a
   noisy machine (the ratio of the two medians, and the median of call-by-call ratios,
   each call against the matmul call timed just before it);
-- peak memory (RSS; CUDA memory on a GPU) and replay bytes per stored step.
+- peak memory (RSS; CUDA memory on a GPU) and replay bytes per stored step;
+- on CPU, the wall time inside the fused LayerNorm -> Mish / SimNorm kernels
+  (`components.fused.kernel_time`, clocked around each kernel call during the timed calls,
+  no profiler) and the ratio to the matmul that the rest of each call would reach without
+  them: the ceiling that faster kernels could approach.
 
 The table goes to stdout, everything to a JSON file. Figures only: nothing here asserts a
 speed. The end-to-end phase trains for real (a short seeding phase and a few pretraining
@@ -41,6 +45,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from components import fused
 from rlcore import gemm
 from rlcore.config import load_gin
 from runners import common
@@ -289,6 +294,23 @@ def paired_fractions(times: Sequence[float], mm_times: Sequence[float], flops: i
     return {"median": statistics.median(ratios), "p10": q[0], "p90": q[8], "n": len(ratios)}
 
 
+def fused_kernel_figures(times: Sequence[float], clocked: Sequence[Any],
+                         mm_times: Sequence[float], flops: int,
+                         mm_flops: int) -> dict[str, Any] | None:
+    """The fused kernels' share of each timed call (`clocked`: `fused.KernelTime` per
+    call) and `paired_fractions` of the calls with that time taken out; None when no
+    kernel ran (a GPU, other dtypes, no C compiler)."""
+    if not clocked or not all(c.calls for c in clocked):
+        return None
+    kernel_s = [c.seconds for c in clocked]
+    rest = [max(t - k, 1e-9) for t, k in zip(times, kernel_s)]
+    return {"calls": clocked[0].calls,
+            "median_ms": statistics.median(kernel_s) * 1e3,
+            "share": statistics.median(k / t for k, t in zip(kernel_s, times)),
+            "matmul_fraction_without_paired": paired_fractions(rest, mm_times, flops,
+                                                               mm_flops)}
+
+
 def _with_rate(timing: dict[str, float], flops: int, matmul_gflops: float,
                paired: dict[str, float] | None = None) -> dict[str, Any]:
     """Achieved GFLOP/s and its fraction of the matmul GFLOP/s measured alongside (the
@@ -369,14 +391,25 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
                                     "graphs' C++ wrappers call the operators out of the "
                                     "profiler's sight")
 
+    kernels: dict[str, dict[str, Any]] = {}
+
     def measure(fn, name):
-        times, mm_times = time_interleaved(fn, matmul, repeats, device, warmup=2)
+        clocked: list[fused.KernelTime] = []
+
+        def call():
+            with fused.kernel_time() as clock:
+                fn()
+            clocked.append(clock)
+
+        times, mm_times = time_interleaved(call, matmul, repeats, device, warmup=2)
         interleaved_mm.extend(mm_times)
         flops, mm_rate = count_flops(fn), matmul.rate(mm_times)["gflops_per_s"]
         if profile_parts:
             breakdowns[name] = time_breakdown(fn, flops=flops, matmul_gflops=mm_rate,
                                               repeats=breakdown_repeats)
         paired[name] = paired_fractions(times, mm_times, flops, matmul.flops)
+        kernels[name] = fused_kernel_figures(times, clocked[-len(times):], mm_times, flops,
+                                             matmul.flops)
         return times, flops, mm_rate
 
     for E in envs:
@@ -408,6 +441,9 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
                         else timing)
     for name, breakdown in breakdowns.items():
         result[name]["breakdown"] = breakdown
+    for name, figures in kernels.items():
+        if figures is not None:
+            result[name]["fused_kernels"] = figures
     for E in envs:
         result[f"env_step_E{E}"]["env_steps_per_second"] = (
             E * spec.action_repeat / (result[f"env_step_E{E}"]["median_ms"] / 1e3))
@@ -462,6 +498,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} "
                      f"| {r['n']} | {rate} |")
     lines += _format_breakdowns(result)
+    lines += _format_kernels(result)
     if result.get("breakdown_note"):
         lines += ["", f"Where the time goes: {result['breakdown_note']}."]
     e2e = result.get("end_to_end")
@@ -505,6 +542,23 @@ def _format_breakdowns(result: dict[str, Any]) -> list[str]:
             lines.append(f"note: {name} ran {executed / 1e9:.2f} GFLOP of matrix products per "
                          f"call, not the {counted / 1e9:.2f} GFLOP counted in eager mode; its "
                          f"GFLOP/s and ratios above are off by {counted / executed - 1:+.1%}")
+    return lines
+
+
+def _format_kernels(result: dict[str, Any]) -> list[str]:
+    rows = {name: r["fused_kernels"] for name, r in result.items()
+            if isinstance(r, dict) and r.get("fused_kernels")}
+    if not rows:
+        return []
+    lines = ["", "Inside the fused LayerNorm kernels (components.fused; wall time per call, "
+                 "clocked without a profiler) and the ratio to the matmul the rest of the "
+                 "call reaches (paired, as above): the ceiling were the kernels free:", "",
+             "| part | kernel calls | kernels ms | share of the call | of matmul without them |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name, k in rows.items():
+        w = k["matmul_fraction_without_paired"]
+        lines.append(f"| {name} | {k['calls']} | {k['median_ms']:.2f} | {k['share']:.0%} | "
+                     f"{w['median']:.0%} ({w['p10']:.0%}-{w['p90']:.0%}) |")
     return lines
 
 

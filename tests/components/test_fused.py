@@ -251,3 +251,25 @@ def test_layers_without_autograd_leave_the_bias_to_the_kernel(monkeypatch):
         want = run()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_time_counts_each_kernel_call_and_only_while_active():
+    """`kernel_time()` counts the forward and backward kernel calls of a layer (eager and
+    compiled: compiled graphs reach the kernels through the ops), with positive time that
+    fits inside the wall time around them, and nothing once it has ended."""
+    import time
+
+    torch.manual_seed(0)
+    layer = NormedLinear(40, 32)
+    x = torch.randn(64, 40)
+    with fused.kernel_time() as clock:
+        t0 = time.perf_counter()
+        layer(x).sum().backward()
+        wall = time.perf_counter() - t0
+    assert clock.calls == 2 and 0 < clock.seconds < wall
+    with torch.no_grad(), fused.kernel_time() as compiled_clock:
+        torch.compile(layer)(x)
+    assert compiled_clock.calls == 1 and compiled_clock.seconds > 0
+    layer(x).sum().backward()  # outside: counted nowhere
+    assert clock.calls == 2 and compiled_clock.calls == 1

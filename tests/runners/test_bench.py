@@ -260,3 +260,41 @@ def test_bad_input_fails_with_one_clear_error(tmp_path, args, message):
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
     assert message in proc.stderr
     assert not out.exists()
+
+
+def test_bench_clocks_the_fused_kernels_and_the_ceiling_without_them(tiny_bench):
+    """On CPU the bench reports the wall time inside the fused LayerNorm kernels per call
+    and the paired ratio to the matmul the rest of the call reaches; the ceiling is
+    above the part's own ratio by the kernels' share."""
+    from components import fused
+
+    if not fused.fused_available():
+        pytest.skip("no fused kernels here (no C compiler)")
+    result, stdout = tiny_bench
+    for part in ("plan_E1", "plan_E4", "update"):
+        k = result[part]["fused_kernels"]
+        assert k["calls"] > 0 and k["median_ms"] > 0 and 0 < k["share"] < 1
+        assert k["median_ms"] < result[part]["p90_ms"]
+        without = k["matmul_fraction_without_paired"]
+        assert without["n"] == result["args"]["repeats"]
+        assert without["median"] > result[part]["matmul_fraction_paired"]["median"]
+        assert f"| {part} | {k['calls']} | {k['median_ms']:.2f} |" in stdout
+    assert "fused_kernels" not in result["replay_sample"]
+    assert "Inside the fused LayerNorm kernels" in stdout
+
+
+def test_fused_kernel_figures_take_the_kernels_out_of_each_call():
+    from components.fused import KernelTime
+    from runners.bench import fused_kernel_figures
+
+    def clock(calls, seconds):
+        c = KernelTime()
+        c.calls, c.seconds = calls, seconds
+        return c
+
+    figures = fused_kernel_figures([1.0, 2.0], [clock(3, 0.5), clock(3, 1.0)], [1.0, 2.0],
+                                   flops=100, mm_flops=100)
+    assert figures["calls"] == 3 and figures["share"] == 0.5
+    assert figures["median_ms"] == pytest.approx(750.0)
+    assert figures["matmul_fraction_without_paired"]["median"] == pytest.approx(2.0)
+    assert fused_kernel_figures([1.0], [clock(0, 0.0)], [1.0], 100, 100) is None
