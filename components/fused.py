@@ -139,12 +139,25 @@ static inline void row_stats(const float *restrict x, int64_t D, float eps, floa
    restrict here; each element is read before it is written. */
 static inline void lna_row(int act, const float *xr, const float *wm, const float *bm,
                            float *yr, int64_t D, float mu, float rs) {
-    if (act == 0) {  /* normalize, affine and Mish in one pass */
-        #pragma omp simd
-        for (int64_t i = 0; i < D; i++) {
-            float z = (xr[i] - mu) * rs * wm[i] + bm[i];
-            float e = exp_clamped(clamp_exp_arg(z));
-            yr[i] = z - 2.0f * z / (e * (e + 2.0f) + 2.0f);
+    if (act == 0) {
+        /* normalize and affine, the exponentials, then Mish: three loops over chunks of
+           the row, not one. One loop's long chain of dependent operations (affine ->
+           exponential -> divide) kept too few iterations in flight: 270 -> 234 us for
+           [512, 512] on one thread, 140 -> 122 us on two (a C harness). */
+        float eb[256];
+        for (int64_t c = 0; c < D; c += 256) {
+            int64_t n = D - c < 256 ? D - c : 256;
+            const float *xc = xr + c, *wc = wm + c, *bc = bm + c;
+            float *yc = yr + c;
+            #pragma omp simd
+            for (int64_t i = 0; i < n; i++) yc[i] = (xc[i] - mu) * rs * wc[i] + bc[i];
+            #pragma omp simd
+            for (int64_t i = 0; i < n; i++) eb[i] = exp_clamped(clamp_exp_arg(yc[i]));
+            #pragma omp simd
+            for (int64_t i = 0; i < n; i++) {
+                float z = yc[i], e = eb[i];
+                yc[i] = z - 2.0f * z / (e * (e + 2.0f) + 2.0f);
+            }
         }
     } else {
         #pragma omp simd
@@ -207,12 +220,19 @@ int lna_backward(int act, const float *restrict g, const float *restrict x,
                 for (int64_t i = 0; i < D; i++) xs[i] = xr[i] + lm[i];
                 xr = xs;
             }
-            if (act == 0) {  /* Mish: its derivative fused into the same pass */
+            if (act == 0) {  /* Mish: its derivative fused into one pass */
+                /* the exponentials first, in a loop of their own (into gz, overwritten
+                   below): in one loop with the rest, the chain of dependent operations
+                   kept too few iterations in flight: 1100 -> 855 us for [5 x 512, 512]
+                   on two threads (a C harness) */
+                #pragma omp simd
+                for (int64_t i = 0; i < D; i++)
+                    gz[i] = exp_clamped(clamp_exp_arg((xr[i] - mu) * rs * wm[i] + bm[i]));
                 #pragma omp simd reduction(+:s1, s2)
                 for (int64_t i = 0; i < D; i++) {
                     float xhat = (xr[i] - mu) * rs;
                     float zi = xhat * wm[i] + bm[i];
-                    float e = exp_clamped(clamp_exp_arg(zi));
+                    float e = gz[i];
                     float rd = 1.0f / (e * (e + 2.0f) + 2.0f);
                     /* mish'(z) = 1 - 2/d + 4 z e (e + 1) / d^2 */
                     float gzi = gr[i] * (1.0f - 2.0f * rd + 4.0f * zi * e * (e + 1.0f) * rd * rd);
