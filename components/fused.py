@@ -74,19 +74,33 @@ static inline float clamp_exp_arg(float z) {
 }
 
 /* LayerNorm -> affine -> SimNorm's softmax over each group of 8 consecutive units, in
-   place. The loop over groups vectorizes across groups. */
+   place, over chunks of the row in three loops: each group's max subtracted (the loop
+   over groups vectorizes across groups), the exponentials (a flat loop), each group's
+   sum and scaling. In one loop the chain of dependent operations kept too few groups in
+   flight: 185 -> 154 us for [512, 512] on two threads (a C harness); the same values. */
 static inline void simnorm_groups(float *restrict z, int64_t D) {
-    for (int64_t g = 0; g < D / 8; g++) {
-        float *zg = z + g * 8;
-        float m = zg[0], e[8], s = 0.f;
-        for (int j = 1; j < 8; j++) m = zg[j] > m ? zg[j] : m;
-        for (int j = 0; j < 8; j++) {
-            float d = zg[j] - m;
-            e[j] = exp_clamped(d < -87.0f ? -87.0f : d);
-            s += e[j];
+    float eb[256];
+    for (int64_t c = 0; c < D; c += 256) {
+        int64_t n = D - c < 256 ? D - c : 256;
+        float *zc = z + c;
+        for (int64_t g = 0; g < n / 8; g++) {
+            float *zg = zc + g * 8;
+            float m = zg[0];
+            for (int j = 1; j < 8; j++) m = zg[j] > m ? zg[j] : m;
+            for (int j = 0; j < 8; j++) {
+                float d = zg[j] - m;
+                zg[j] = d < -87.0f ? -87.0f : d;
+            }
         }
-        float inv = 1.0f / s;
-        for (int j = 0; j < 8; j++) zg[j] = e[j] * inv;
+        #pragma omp simd
+        for (int64_t i = 0; i < n; i++) eb[i] = exp_clamped(zc[i]);
+        for (int64_t g = 0; g < n / 8; g++) {
+            const float *eg = eb + g * 8;
+            float s = 0.f;
+            for (int j = 0; j < 8; j++) s += eg[j];
+            float inv = 1.0f / s;
+            for (int j = 0; j < 8; j++) zc[g * 8 + j] = eg[j] * inv;
+        }
     }
 }
 
