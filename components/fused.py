@@ -4,10 +4,13 @@ Every hidden layer of the world model ends in `mish(layer_norm(h) * w + b)`. In 
 PyTorch that is five passes over the activations (LayerNorm, the affine, and Mish's
 three), and the backward pass stores and re-reads each intermediate; inductor fuses the
 forward, but its backward still writes and re-reads two full intermediates and splits an
-ensemble's 5 members unevenly over threads. `layer_norm_mish` does each row in one
-pass while it sits in L1: forward (mean, variance, normalise, affine, Mish), and backward
-(recompute the normalised row and Mish's derivative, the row sums LayerNorm's gradient
-needs, and per-thread sums for the affine's weight and bias gradients). Rows are split
+ensemble's 5 members unevenly over threads. `layer_norm_mish` does each row while it
+sits in L1: forward (mean, variance, normalise, affine, Mish), and backward (recompute
+the normalised row and Mish's derivative, the row sums LayerNorm's gradient needs, and
+per-thread sums for the affine's weight and bias gradients). Within a row the
+exponentials run in a loop of their own over 256-wide chunks, apart from the loops that
+use them: on the AVX2 machine in the README that made the forward 13% and the backward
+22% faster than one loop doing everything (a C harness; outputs bit-identical). Rows are split
 evenly over torch's OpenMP threads. `layer_norm_simnorm` does the same with SimNorm (a
 softmax over each group of 8 units) for the encoder's and dynamics' last layers. Both
 take the preceding Linear's bias as an optional input (`bias=`), added to each row as it
