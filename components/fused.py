@@ -8,11 +8,13 @@ ensemble's 5 members unevenly over threads. `layer_norm_mish` does each row whil
 sits in L1: forward (mean, variance, normalise, affine, Mish), and backward (recompute
 the normalised row and Mish's derivative, the row sums LayerNorm's gradient needs, and
 per-thread sums for the affine's weight and bias gradients). Within a row the
-exponentials run in a loop of their own over 256-wide chunks, apart from the loops that
-use them: on the AVX2 machine in the README that made the forward 13% and the backward
-22% faster than one loop doing everything (a C harness; outputs bit-identical). Rows are split
-evenly over torch's OpenMP threads. `layer_norm_simnorm` does the same with SimNorm (a
-softmax over each group of 8 units) for the encoder's and dynamics' last layers. Both
+exponentials run in a loop of their own, apart from the loops that use them (the
+forward over 256-wide chunks of the row, the backward over the whole row into the
+gradient buffer): on the AVX2 machine in the README that made the forward 13% and the
+backward 22% faster than one loop doing everything (a C harness; outputs bit-identical).
+Rows are split evenly over torch's OpenMP threads. `layer_norm_simnorm` does the same
+with SimNorm (a softmax over each group of 8 units) for the encoder's and dynamics' last
+layers. Both
 take the preceding Linear's bias as an optional input (`bias=`), added to each row as it
 is read, so the layers run that Linear as a plain matmul (`components.layers.folds_bias`):
 an addmm first writes the broadcast bias into its output, one more pass, and its backward
