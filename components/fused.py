@@ -14,11 +14,11 @@ gradient buffer): on the AVX2 machine in the README that made the forward 13% an
 backward 22% faster than one loop doing everything (a C harness; outputs bit-identical).
 Rows are split evenly over torch's OpenMP threads. `layer_norm_simnorm` does the same
 with SimNorm (a softmax over each group of 8 units) for the encoder's and dynamics' last
-layers. Both
-take the preceding Linear's bias as an optional input (`bias=`), added to each row as it
-is read, so the layers run that Linear as a plain matmul (`components.layers.folds_bias`):
-an addmm first writes the broadcast bias into its output, one more pass, and its backward
-sums the output gradient's rows in another, which the backward kernel does as it goes.
+layers. Both take the preceding Linear's bias as an optional input (`bias=`), added to
+each row as it is read, so the layers run that Linear as a plain matmul
+(`components.layers.folds_bias`): an addmm first writes the broadcast bias into its
+output, one more pass, and its backward sums the output gradient's rows in another,
+which the backward kernel does as it goes.
 
 The exponential is a degree-7 polynomial after range reduction (about 1 ulp), so the
 loops vectorize without -ffast-math; Mish uses the same one-exponential form as
