@@ -21,7 +21,11 @@ output, one more pass, and its backward sums the output gradient's rows in anoth
 which the backward kernel does as it goes.
 
 The exponential is a degree-7 polynomial after range reduction (about 1 ulp), so the
-loops vectorize without -ffast-math; Mish uses the same one-exponential form as
+loops vectorize without -ffast-math. On AVX CPUs it runs as 8-lane vector code written
+out (`exp8`: the same operations, so the same bits, in fewer instructions than gcc's
+code for the scalar form), and SimNorm's groups of 8 are transposed so that 8 groups'
+max, sum and scaling are each one vector operation: Mish forward 16% and SimNorm forward
+21% faster on one thread. Mish uses the same one-exponential form as
 `components.layers.mish` (clamped at 20, where it is exact in float32). Results agree with
 `F.mish(F.layer_norm(h) * w + b)` to float32 rounding (tests compare both against a
 float64 reference).
@@ -78,12 +82,55 @@ static inline float clamp_exp_arg(float z) {
     return z > 20.0f ? 20.0f : (z < -87.0f ? -87.0f : z);
 }
 
-/* LayerNorm -> affine -> SimNorm's softmax over each group of 8 consecutive units, in
-   place, over chunks of the row in three loops: each group's max subtracted (the loop
-   over groups vectorizes across groups), the exponentials (a flat loop), each group's
-   sum and scaling. In one loop the chain of dependent operations kept too few groups in
-   flight: 185 -> 154 us for [512, 512] on two threads (a C harness); the same values. */
-static inline void simnorm_groups(float *restrict z, int64_t D) {
+typedef float v8 __attribute__((vector_size(32)));
+static inline v8 ld8(const float *p) { v8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline void st8(float *p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+/* exp_clamped(clamp_exp_arg(x)) on 8 lanes, with the same operations on the same values
+   (the same results: checked on every 7th float32 bit pattern, NaN and infinities
+   included), in fewer instructions: the clamp as min/max (the constant first, so a NaN
+   passes through), and 2^n built from the rounding sum's own bits (its low bits hold n)
+   instead of a float-to-int conversion. gcc's code for the scalar form compared and
+   blended twice for the clamp. Mish forward [512, 512]: 224 -> 188 us on one thread,
+   122 -> 95 us on two; Mish backward [2560, 512]: 2409 -> 1904 us on one thread, 1205 ->
+   916 us on two (a C harness; bit-identical outputs). Without AVX (or with
+   -DTDMPC2_SCALAR, which the tests build to compare) the scalar loops run. */
+#if defined(__AVX__) && !defined(TDMPC2_SCALAR)
+#include <immintrin.h>
+#define HAVE_EXP8 1
+typedef int32_t vi8 __attribute__((vector_size(32)));
+static inline v8 exp8(v8 x) {
+    const v8 hi = {20.f, 20.f, 20.f, 20.f, 20.f, 20.f, 20.f, 20.f};
+    const v8 lo = {-87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f};
+    x = __builtin_ia32_maxps256(lo, __builtin_ia32_minps256(hi, x));
+    v8 t = x * 1.44269504088896341f + 12582912.0f;
+    v8 n = t - 12582912.0f;
+    v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v8 r2 = r * r;
+    v8 p01 = 5.0000001201e-1f + 1.6666665459e-1f * r;
+    v8 p23 = 4.1665795894e-2f + 8.3334519073e-3f * r;
+    v8 p45 = 1.3981999507e-3f + 1.9875691500e-4f * r;
+    v8 p = (r + 1.0f) + r2 * (p01 + r2 * (p23 + r2 * p45));
+    vi8 ti, si;
+    __builtin_memcpy(&ti, &t, sizeof t);
+    si = (ti + 127) << 23;  /* t's bits are 1.5 * 2^23's plus n; those shift out */
+    v8 s;
+    __builtin_memcpy(&s, &si, sizeof si);
+    return p * s;
+}
+
+#endif
+
+/* eb[i] = exp_clamped(clamp_exp_arg(z[i])) for i < n */
+static inline void exp_row(const float *restrict z, float *restrict eb, int64_t n) {
+    int64_t i = 0;
+#ifdef HAVE_EXP8
+    for (; i + 8 <= n; i += 8) st8(eb + i, exp8(ld8(z + i)));
+#endif
+    for (; i < n; i++) eb[i] = exp_clamped(clamp_exp_arg(z[i]));
+}
+
+static inline void simnorm_groups_scalar(float *restrict z, int64_t D) {
     float eb[256];
     for (int64_t c = 0; c < D; c += 256) {
         int64_t n = D - c < 256 ? D - c : 256;
@@ -97,8 +144,7 @@ static inline void simnorm_groups(float *restrict z, int64_t D) {
                 zg[j] = d < -87.0f ? -87.0f : d;
             }
         }
-        #pragma omp simd
-        for (int64_t i = 0; i < n; i++) eb[i] = exp_clamped(zc[i]);
+        exp_row(zc, eb, n);
         for (int64_t g = 0; g < n / 8; g++) {
             const float *eg = eb + g * 8;
             float s = 0.f;
@@ -109,25 +155,97 @@ static inline void simnorm_groups(float *restrict z, int64_t D) {
     }
 }
 
-/* SimNorm's backward for one row: dL/dz from dL/dy, with z overwritten by y = act(z). */
-static inline void simnorm_grad_row(float *restrict z, const float *restrict g,
-                                    float *restrict gz, int64_t D) {
-    simnorm_groups(z, D);  /* the forward's output, recomputed */
-    for (int64_t q = 0; q < D / 8; q++) {  /* softmax backward per group */
-        const float *yq = z + q * 8, *gq = g + q * 8;
+/* SimNorm's softmax backward for whole groups of 8: gz = y (g - <g, y>) per group */
+static inline void simnorm_grad_scalar(const float *restrict y, const float *restrict g,
+                                       float *restrict gz, int64_t D) {
+    for (int64_t q = 0; q < D / 8; q++) {
+        const float *yq = y + q * 8, *gq = g + q * 8;
         float dot = 0.f;
         for (int j = 0; j < 8; j++) dot += gq[j] * yq[j];
         for (int j = 0; j < 8; j++) gz[q * 8 + j] = yq[j] * (gq[j] - dot);
     }
 }
 
+#ifdef HAVE_EXP8
+/* 8 x 8 transpose of c[0..7] (rows of 8 floats) in registers */
+static inline void transpose8(v8 c[8]) {
+    __m256 t0 = _mm256_unpacklo_ps(c[0], c[1]), t1 = _mm256_unpackhi_ps(c[0], c[1]);
+    __m256 t2 = _mm256_unpacklo_ps(c[2], c[3]), t3 = _mm256_unpackhi_ps(c[2], c[3]);
+    __m256 t4 = _mm256_unpacklo_ps(c[4], c[5]), t5 = _mm256_unpackhi_ps(c[4], c[5]);
+    __m256 t6 = _mm256_unpacklo_ps(c[6], c[7]), t7 = _mm256_unpackhi_ps(c[6], c[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    c[0] = _mm256_permute2f128_ps(u0, u4, 0x20); c[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    c[2] = _mm256_permute2f128_ps(u2, u6, 0x20); c[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    c[4] = _mm256_permute2f128_ps(u0, u4, 0x31); c[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    c[6] = _mm256_permute2f128_ps(u2, u6, 0x31); c[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+/* SimNorm of 8 groups (64 floats at z) with the groups across the lanes: transposed, so
+   that each group's max, sum and scaling are plain vector operations over 8 groups at
+   once, in the scalar code's order (the same values); c holds the result, transposed */
+static inline void simnorm_block(const float *z, v8 c[8]) {
+    for (int j = 0; j < 8; j++) c[j] = ld8(z + 8 * j);
+    transpose8(c);
+    v8 m = c[0];
+    for (int j = 1; j < 8; j++) m = _mm256_max_ps(c[j], m);  /* c > m ? c : m */
+    const v8 lo = {-87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f};
+    v8 s = {0};
+    for (int j = 0; j < 8; j++) {
+        c[j] = exp8(_mm256_max_ps(lo, c[j] - m));  /* d < -87 ? -87 : d */
+        s += c[j];
+    }
+    v8 inv = 1.0f / s;
+    for (int j = 0; j < 8; j++) c[j] *= inv;
+}
+#endif
+
+/* LayerNorm -> affine -> SimNorm's softmax over each group of 8 consecutive units, in
+   place. With AVX, 8 groups at a time, transposed (see simnorm_block): the forward on
+   [512, 512] went from 297 to 235 us on one thread and from 149 to 122 us on two, the
+   backward on [2560, 512] from 3502 to 2819 us on one (a C harness; bit-identical
+   outputs). Otherwise over chunks of the row in three loops: each group's max
+   subtracted, the exponentials (a flat loop), each group's sum and scaling. */
+static inline void simnorm_groups(float *restrict z, int64_t D) {
+    int64_t c0 = 0;
+#ifdef HAVE_EXP8
+    for (; c0 + 64 <= D; c0 += 64) {
+        v8 c[8];
+        simnorm_block(z + c0, c);
+        transpose8(c);
+        for (int j = 0; j < 8; j++) st8(z + c0 + 8 * j, c[j]);
+    }
+#endif
+    simnorm_groups_scalar(z + c0, D - c0);
+}
+
+/* SimNorm's backward for one row: dL/dz from dL/dy, with z overwritten by y = act(z). */
+static inline void simnorm_grad_row(float *restrict z, const float *restrict g,
+                                    float *restrict gz, int64_t D) {
+    int64_t c0 = 0;
+#ifdef HAVE_EXP8
+    for (; c0 + 64 <= D; c0 += 64) {  /* y recomputed, transposed; so is g */
+        v8 y[8], gt[8];
+        simnorm_block(z + c0, y);
+        for (int j = 0; j < 8; j++) gt[j] = ld8(g + c0 + 8 * j);
+        transpose8(gt);
+        v8 dot = {0};
+        for (int j = 0; j < 8; j++) dot += gt[j] * y[j];
+        for (int j = 0; j < 8; j++) gt[j] = y[j] * (gt[j] - dot);
+        transpose8(gt);
+        for (int j = 0; j < 8; j++) st8(gz + c0 + 8 * j, gt[j]);
+    }
+#endif
+    simnorm_groups_scalar(z + c0, D - c0);  /* the forward's output, recomputed */
+    simnorm_grad_scalar(z + c0, g + c0, gz + c0, D - c0);
+}
+
 /* A row's mean and 1/std (two passes), each sum kept in four vector partial sums: one
    running sum is a chain of D/8 dependent adds, and rows are short (128-512). With lb
    (the Linear's bias), the first pass also writes y = x + lb: 5% of the forward kernel
    against a pass of its own (a C harness). */
-typedef float v8 __attribute__((vector_size(32)));
-static inline v8 ld8(const float *p) { v8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
-static inline void st8(float *p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
 static inline float hsum8(v8 v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
@@ -190,8 +308,7 @@ static inline void lna_row(int act, const float *xr, const float *wm, const floa
             float *yc = yr + c;
             #pragma omp simd
             for (int64_t i = 0; i < n; i++) yc[i] = (xc[i] - mu) * rs * wc[i] + bc[i];
-            #pragma omp simd
-            for (int64_t i = 0; i < n; i++) eb[i] = exp_clamped(clamp_exp_arg(yc[i]));
+            exp_row(yc, eb, n);
             #pragma omp simd
             for (int64_t i = 0; i < n; i++) {
                 float z = yc[i], e = eb[i];
@@ -260,8 +377,12 @@ int lna_backward(int act, const float *restrict g, const float *restrict x,
                    below): in one loop with the rest, the chain of dependent operations
                    kept too few iterations in flight: 1100 -> 855 us for [5 x 512, 512]
                    on two threads (a C harness) */
-                #pragma omp simd
-                for (int64_t i = 0; i < D; i++)
+                int64_t i = 0;
+#ifdef HAVE_EXP8
+                for (; i + 8 <= D; i += 8)
+                    st8(gz + i, exp8((ld8(xr + i) - mu) * rs * ld8(wm + i) + ld8(bm + i)));
+#endif
+                for (; i < D; i++)
                     gz[i] = exp_clamped(clamp_exp_arg((xr[i] - mu) * rs * wm[i] + bm[i]));
                 #pragma omp simd reduction(+:s1, s2)
                 for (int64_t i = 0; i < D; i++) {
@@ -324,8 +445,11 @@ int lna_backward(int act, const float *restrict g, const float *restrict x,
 _CFLAGS = ("-ffp-contract=fast",)
 
 
-def _library():
-    lib = native.load("layer_norm_act", _SOURCE, openmp=True, flags=_CFLAGS)
+def _library(scalar: bool = False):
+    """The kernels' library (None where it cannot be built); `scalar`: built without the
+    8-lane AVX code (`-DTDMPC2_SCALAR`), as on CPUs without AVX, for tests to compare."""
+    flags = _CFLAGS + (("-DTDMPC2_SCALAR",) if scalar else ())
+    lib = native.load("layer_norm_act", _SOURCE, openmp=True, flags=flags)
     if lib is not None and lib.lna_forward.argtypes is None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.lna_forward.argtypes = [ctypes.c_int] + [p] * 7 + [i64] * 3 + [ctypes.c_float]

@@ -273,3 +273,38 @@ def test_kernel_time_counts_each_kernel_call_and_only_while_active():
     assert compiled_clock.calls == 1 and compiled_clock.seconds > 0
     layer(x).sum().backward()  # outside: counted nowhere
     assert clock.calls == 2 and compiled_clock.calls == 1
+
+
+def _run_library(lib, act, h, w, b, g, lb):
+    """Forward and backward of one build of the kernels, called directly."""
+    R, D = h.numel() // h.shape[-1], h.shape[-1]
+    members = w.numel() // D
+    rpm = R // members
+    y, mean, rstd = torch.empty_like(h), torch.empty(R), torch.empty(R)
+    lib.lna_forward(act, h.data_ptr(), lb.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(),
+                    mean.data_ptr(), rstd.data_ptr(), R, D, rpm, 1e-5)
+    gx, gw, gb, glb = (torch.empty_like(t) for t in (h, w, b, lb))
+    assert lib.lna_backward(act, g.data_ptr(), h.data_ptr(), lb.data_ptr(), w.data_ptr(),
+                            b.data_ptr(), mean.data_ptr(), rstd.data_ptr(), gx.data_ptr(),
+                            gw.data_ptr(), gb.data_ptr(), glb.data_ptr(), R, D, rpm, members) == 0
+    return y, mean, rstd, gx, gw, gb, glb
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["mish", "simnorm"])
+@pytest.mark.parametrize("shape,wshape", [((64, 512), (512,)), ((3, 7, 104), (3, 1, 104)),
+                                          ((5, 40), (40,))])
+def test_vector_code_gives_the_plain_c_builds_values_bit_for_bit(kind, shape, wshape):
+    """The 8-lane exponential and the transposed SimNorm (AVX CPUs) against the same
+    source built without them: the same operations in the same order, so equal bits,
+    saturated inputs included."""
+    fast, plain = fused._library(), fused._library(scalar=True)
+    assert fast is not None and plain is not None and fast is not plain
+    h, w, b, g = _case(shape, wshape, scale=3.0)
+    h.view(-1)[::17] *= 40.0  # some rows' outliers push the affine into the clamps
+    w = w * 8.0
+    lb = torch.randn(*wshape)
+    act = fused._ACTS[kind]
+    for got, want in zip(_run_library(fast, act, h, w, b, g, lb),
+                         _run_library(plain, act, h, w, b, g, lb)):
+        assert torch.equal(got, want)
