@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from components.fused import fused_available, layer_norm_mish, layer_norm_simnorm
 from rlcore import gemm
 from rlcore.bernoulli import dropout as _dropout
+from rlcore.bernoulli import apply_dropout_mask as _apply_mask
+from rlcore.bernoulli import dropout_mask
 
 _REFERENCE = False
 
@@ -496,9 +498,9 @@ class EnsembleMLP(nn.Module):
         fold = idx is not None and folds_bias(x)  # the fused kernels add the hidden biases
         for i in range(self.num_layers):
             w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}")
-            # hidden layers without dropout leave their bias to the fused kernel
-            folded = (fold and i < self.num_layers - 1
-                      and not (i == 0 and self.dropout and self.training))
+            # hidden layers leave their bias (and dropout) to the fused kernel
+            drop = i == 0 and bool(self.dropout) and self.training
+            folded = fold and i < self.num_layers - 1
             bias = (b if members is None else b[members]) if folded else None
             if folded and not torch.is_grad_enabled():
                 h = _member_products(h, w, idx)  # [m, N, out], without the bias
@@ -524,15 +526,24 @@ class EnsembleMLP(nn.Module):
                     h = torch.baddbmm(b, h.expand(w.shape[0], -1, -1), w)
             # h: [M, N, out]
             if i < self.num_layers - 1:
-                if i == 0 and self.dropout and self.training:
-                    h = _dropout(h, self.dropout)  # F.dropout, mask drawn vectorized
+                # dropout after the bias: the mask drawn here, applied by the fused kernel
+                # (or below, the same values); F.dropout where no mask is drawn
+                mask = dropout_mask(h, self.dropout) if drop else None
                 ln_w, ln_b = getattr(self, f"ln_w{i}"), getattr(self, f"ln_b{i}")
                 if members is not None:
                     ln_w, ln_b = ln_w[members], ln_b[members]
-                y = None if _REFERENCE else layer_norm_mish(h, ln_w, ln_b, bias=bias)  # fused
-                if y is None and bias is not None:
-                    h = h + bias
-                h = y if y is not None else mish(torch.addcmul(ln_b, F.layer_norm(h, h.shape[-1:]), ln_w))
+                y = None if _REFERENCE or (drop and mask is None) else layer_norm_mish(
+                    h, ln_w, ln_b, bias=bias, dropout_mask=mask, keep=1.0 - self.dropout)
+                if y is None:
+                    if bias is not None:
+                        h = h + bias
+                    if mask is not None:
+                        h = _apply_mask(h, mask, 1.0 - self.dropout)
+                    elif drop:
+                        h = F.dropout(h, self.dropout)
+                    h = mish(torch.addcmul(ln_b, F.layer_norm(h, h.shape[-1:]), ln_w))
+                else:
+                    h = y
         return h.reshape(h.shape[0], *lead, h.shape[-1])  # [M, ..., out]
 
     def _members_without_grad(self, x: torch.Tensor, idx: tuple[int, ...]) -> torch.Tensor:

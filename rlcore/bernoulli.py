@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from rlcore import draws, native
 
-__all__ = ["bernoulli_", "dropout", "fast_bernoulli_available"]
+__all__ = ["apply_dropout_mask", "bernoulli_", "dropout", "dropout_mask",
+           "fast_bernoulli_available"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -202,6 +203,17 @@ def bernoulli_(out: torch.Tensor, p: float) -> torch.Tensor:
     return out
 
 
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
+    """Training dropout's mask for x: 0s and 1s (kept with probability 1 - p) drawn by
+    `bernoulli_`, the draw `dropout` makes; None where `dropout` takes F.dropout instead
+    (other dtypes and devices, strided x, p not in (0, 1)). `dropout(x, p)` is then
+    `x * (mask / (1 - p))`, which a kernel may compute itself (`components.fused`)."""
+    if not (0.0 < p < 1.0 and x.device.type in ("cpu", "cuda")
+            and x.dtype == torch.float32 and x.is_contiguous()):
+        return None
+    return bernoulli_(torch.empty_like(x), 1.0 - p)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """`F.dropout(x, p, training)`, with the mask drawn by `bernoulli_` on CPU and CUDA.
 
@@ -209,11 +221,15 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     F.dropout's fused kernel (other numbers from the same seed), so that compiled graphs,
     which draw it through `tdmpc2::bernoulli_` in program order, match eager runs.
     """
-    if not (training and 0.0 < p < 1.0 and x.device.type in ("cpu", "cuda")
-            and x.dtype == torch.float32 and x.is_contiguous()):
+    noise = dropout_mask(x, p) if training else None
+    if noise is None:
         return F.dropout(x, p, training=training)
-    keep = 1.0 - p
-    noise = bernoulli_(torch.empty_like(x), keep)
+    return apply_dropout_mask(x, noise, 1.0 - p)
+
+
+def apply_dropout_mask(x: torch.Tensor, mask: torch.Tensor, keep: float) -> torch.Tensor:
+    """x * (mask / keep): dropout with a drawn mask (`dropout_mask`); in eager code the
+    mask is scaled in place."""
     if torch.compiler.is_compiling():
-        return x * (noise / keep)  # out of place: inductor fuses it with what follows
-    return x * noise.div_(keep)  # what F.dropout computes on CPU (bernoulli_, div_, mul)
+        return x * (mask / keep)  # out of place: inductor fuses it with what follows
+    return x * mask.div_(keep)  # what F.dropout computes on CPU (bernoulli_, div_, mul)

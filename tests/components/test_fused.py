@@ -281,10 +281,10 @@ def _run_library(lib, act, h, w, b, g, lb):
     members = w.numel() // D
     rpm = R // members
     y, mean, rstd = torch.empty_like(h), torch.empty(R), torch.empty(R)
-    lib.lna_forward(act, h.data_ptr(), lb.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(),
-                    mean.data_ptr(), rstd.data_ptr(), R, D, rpm, 1e-5)
+    lib.lna_forward(act, h.data_ptr(), lb.data_ptr(), None, 1.0, w.data_ptr(), b.data_ptr(),
+                    y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), R, D, rpm, 1e-5)
     gx, gw, gb, glb = (torch.empty_like(t) for t in (h, w, b, lb))
-    assert lib.lna_backward(act, g.data_ptr(), h.data_ptr(), lb.data_ptr(), w.data_ptr(),
+    assert lib.lna_backward(act, g.data_ptr(), h.data_ptr(), lb.data_ptr(), None, 1.0, w.data_ptr(),
                             b.data_ptr(), mean.data_ptr(), rstd.data_ptr(), gx.data_ptr(),
                             gw.data_ptr(), gb.data_ptr(), glb.data_ptr(), R, D, rpm, members) == 0
     return y, mean, rstd, gx, gw, gb, glb
@@ -308,3 +308,65 @@ def test_vector_code_gives_the_plain_c_builds_values_bit_for_bit(kind, shape, ws
     for got, want in zip(_run_library(fast, act, h, w, b, g, lb),
                          _run_library(plain, act, h, w, b, g, lb)):
         assert torch.equal(got, want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_kernel_applies_dropout_as_the_mask_multiply_before_it_would(with_bias):
+    """`dropout_mask=`: (h + bias) * (mask / keep) in the kernel, the same bits as that
+    multiply done first (forward, and h's and the affine's gradients); the bias's gradient
+    (a sum over rows, in another order) to rounding."""
+    h, w, b, g = _case((3, 64, 40), (3, 1, 40))
+    lb = torch.randn(3, 1, 40) if with_bias else None
+    keep = 0.9
+    mask = (torch.rand(h.shape, generator=torch.Generator().manual_seed(1)) < keep).float()
+    with torch.no_grad():
+        pre = h + lb if with_bias else h
+        assert torch.equal(fused.layer_norm_mish(h, w, b, bias=lb, dropout_mask=mask, keep=keep),
+                           fused.layer_norm_mish(pre * (mask / keep), w, b))
+
+    def grads(fold):
+        hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, b))
+        ll = lb.clone().requires_grad_() if with_bias else None
+        if fold:
+            y = fused.layer_norm_mish(hh, ww, bb, bias=ll, dropout_mask=mask, keep=keep)
+        else:
+            y = fused.layer_norm_mish((hh + ll if with_bias else hh) * (mask / keep), ww, bb)
+        y.backward(g)
+        return y.detach(), hh.grad, ww.grad, bb.grad, (ll.grad if with_bias else None)
+
+    got, want = grads(True), grads(False)
+    for a, e in zip(got[:4], want[:4]):
+        assert torch.equal(a, e)
+    if with_bias:
+        torch.testing.assert_close(got[4], want[4], rtol=1e-5, atol=1e-5)
+    assert fused.layer_norm_mish(h, w, b, dropout_mask=mask[:, :5]) is None  # not h's shape
+
+
+@needs_kernel
+def test_ensemble_dropout_in_training_gives_the_plain_layers_results(monkeypatch):
+    """The Q ensemble's dropout layer in training: the mask drawn from the same generator
+    state, applied by the fused kernel with the bias; the same outputs and gradients as
+    plain PyTorch (dropout after the bias add), and the same generator state after."""
+    ens = EnsembleMLP(5, 40, [32, 32], 7, dropout=0.3).train()
+    x = torch.randn(9, 40)
+
+    def run():
+        torch.manual_seed(7)
+        out = ens(x)
+        grads = torch.autograd.grad((out * out).sum(), list(ens.parameters()))
+        return out.detach(), grads, torch.rand(3)
+
+    masks = []
+    real = fused._layer_norm_act
+    monkeypatch.setattr(fused, "_layer_norm_act", lambda *a: masks.append(a[6] is not None)
+                        or real(*a))
+    got = run()
+    assert masks[0] is True and masks.count(True) == 1, masks  # the first layer only
+    with reference_kernels():
+        want = run()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for a, e in zip(got[1], want[1]):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got[2], want[2])  # the draws after it see the same stream
+    assert (got[0] != ens.eval()(x).detach()).any()  # dropout did act
