@@ -389,7 +389,8 @@ class _EnsembleLinear(torch.autograd.Function):
 class _BatchedLinearGradCols(torch.autograd.Function):
     """`baddbmm(b, x, w)` whose input gradient covers only the columns `grad_cols`.
 
-    x [m, N, in] (an expanded view is fine), w [m, in, out], b [m, 1, out] -> [m, N, out].
+    x [m, N, in] (an expanded view is fine), w [m, in, out], b [m, 1, out] or None (the
+    caller adds it, see `folds_bias`) -> [m, N, out].
     The caller promises that only input columns lo..hi-1 feed something that needs a
     gradient (see `grad_columns`): the others' gradient is returned as zero instead of
     computed, so the input-gradient product is [N, out] x [out, hi - lo] per member
@@ -400,13 +401,14 @@ class _BatchedLinearGradCols(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, b: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+    def forward(ctx, b: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor,
                 grad_cols: tuple[int, int], per_member: bool = False) -> torch.Tensor:
         ctx.save_for_backward(x, w)
         ctx.grad_cols, ctx.per_member = grad_cols, per_member
         if per_member:
-            return torch.stack([torch.addmm(b[m], x[m], w[m]) for m in range(w.shape[0])])
-        return torch.baddbmm(b, x, w)
+            return torch.stack([torch.mm(x[m], w[m]) if b is None
+                                else torch.addmm(b[m], x[m], w[m]) for m in range(w.shape[0])])
+        return torch.bmm(x, w) if b is None else torch.baddbmm(b, x, w)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -495,14 +497,16 @@ class EnsembleMLP(nn.Module):
             out = self._members_without_grad(h[0], idx)  # [m, N, out], planning, TD targets
             return out.view(out.shape[0], *lead, out.shape[-1])
         compiled_cpu = x.device.type == "cpu" and torch.compiler.is_compiling()
-        fold = idx is not None and folds_bias(x)  # the fused kernels add the hidden biases
+        # the fused kernels add the hidden biases: eager CPU (one GEMM per member) and
+        # compiled CPU with all members (per member GEMMs, stacked, for inductor)
+        fold = (idx is not None or (members is None and compiled_cpu)) and folds_bias(x)
         for i in range(self.num_layers):
             w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}")
             # hidden layers leave their bias (and dropout) to the fused kernel
             drop = i == 0 and bool(self.dropout) and self.training
             folded = fold and i < self.num_layers - 1
             bias = (b if members is None else b[members]) if folded else None
-            if folded and not torch.is_grad_enabled():
+            if folded and idx is not None and not torch.is_grad_enabled():
                 h = _member_products(h, w, idx)  # [m, N, out], without the bias
             elif idx is not None:  # one GEMM per member, see _EnsembleLinear
                 h = _EnsembleLinear.apply(h, w, None if folded else b, idx,
@@ -510,12 +514,16 @@ class EnsembleMLP(nn.Module):
             elif i == 0 and input_grad_cols is not None and not _REFERENCE:
                 if members is not None:
                     w, b = w[members], b[members]  # [m, in, out], [m, 1, out]
-                h = _BatchedLinearGradCols.apply(b, h.expand(w.shape[0], -1, -1), w,
+                h = _BatchedLinearGradCols.apply(None if folded else b,
+                                                 h.expand(w.shape[0], -1, -1), w,
                                                  input_grad_cols,
                                                  compiled_cpu and members is None)
             elif members is None and compiled_cpu:
                 # the same per member GEMMs for inductor, which writes them into one buffer
-                h = torch.stack([torch.addmm(b[m], h[m if h.shape[0] > 1 else 0], w[m])
+                # (without the bias where the kernel adds it: an addmm's output starts as a
+                # copy of the broadcast bias, a pass over it)
+                h = torch.stack([torch.mm(h[m if h.shape[0] > 1 else 0], w[m]) if folded
+                                 else torch.addmm(b[m], h[m if h.shape[0] > 1 else 0], w[m])
                                  for m in range(w.shape[0])])
             else:
                 if members is not None:
