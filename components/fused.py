@@ -40,8 +40,8 @@ float64 reference).
 Used on CPU for float32 activations, in eager mode (planning, eager updates) and in
 CPU graphs compiled by torch.compile. Elsewhere (CUDA, other dtypes, `reference_kernels()`,
 or where the kernel cannot be built: see `rlcore.native`) the plain PyTorch ops run.
-Compiled graphs call the kernels as the custom ops `tdmpc2::layer_norm_act` and its
-backward, with the Linear's bias passed in as in eager code. For SimNorm, inductor's own
+Compiled graphs call the kernels as the custom ops `tdmpc2::layer_norm_act_v2` and its
+backward (the version: see `OP_SCHEMAS`), with the Linear's bias passed in as in eager code. For SimNorm, inductor's own
 kernel for a softmax over groups of 8 took 6.1 ms for [4288, 512] against the kernel's
 1.0 ms. For Mish, the op alone measured no faster than inductor's fusion (the Linear
 before it stayed an `addmm`, whose output starts as a copy of the broadcast bias); with
@@ -605,8 +605,8 @@ class _LayerNormAct(torch.autograd.Function):
         wc, bc = w.detach().contiguous(), b.detach().contiguous()
         lbc = None if bias is None else bias.detach().contiguous()
         if torch.compiler.is_compiling():
-            y, mean, rstd = torch.ops.tdmpc2.layer_norm_act(h, wc, bc, eps, rpm, act, lbc,
-                                                            mask, keep)
+            y, mean, rstd = torch.ops.tdmpc2.layer_norm_act_v2(h, wc, bc, eps, rpm, act, lbc,
+                                                               mask, keep)
         else:
             y, mean, rstd = _forward(act, h, wc, bc, eps, rpm, True, lbc, mask, keep)
         ctx.save_for_backward(h, wc, bc, mean, rstd, lbc, mask)
@@ -618,7 +618,7 @@ class _LayerNormAct(torch.autograd.Function):
     def backward(ctx, grad):
         h, w, b, mean, rstd, lb, mask = ctx.saved_tensors
         if torch.compiler.is_compiling():
-            gx, gw, gb, glb = torch.ops.tdmpc2.layer_norm_act_backward(
+            gx, gw, gb, glb = torch.ops.tdmpc2.layer_norm_act_v2_backward(
                 grad, h, w, b, mean, rstd, ctx.rpm, ctx.act, lb, mask, ctx.keep)
         else:
             gx, gw, gb, glb = _backward(ctx.act, grad, h, w, b, mean, rstd, ctx.rpm, lb,
@@ -634,11 +634,24 @@ class _LayerNormAct(torch.autograd.Function):
 # about 45 us through `torch.library.custom_op`'s wrappers (dog-run planning makes 166
 # such calls at E=1; `rlcore.gemm` registers `tdmpc2::linear` the same way).
 _LIB = torch.library.Library("tdmpc2", "FRAGMENT")
-_LIB.define("layer_norm_act(Tensor h, Tensor w, Tensor b, float eps, int rpm, str act, "
-            "Tensor? bias=None, Tensor? mask=None, float keep=1.0) -> (Tensor, Tensor, Tensor)")
-_LIB.define("layer_norm_act_backward(Tensor grad, Tensor h, Tensor w, Tensor b, Tensor mean, "
-            "Tensor rstd, int rpm, str act, Tensor? bias=None, Tensor? mask=None, "
-            "float keep=1.0) -> (Tensor, Tensor, Tensor, Tensor)")
+#
+# The names carry a version, raised with every change of a schema: inductor caches
+# compiled graphs on disk, keyed by the graph's code, and a graph compiled with the C++
+# wrapper calls an op with exactly the argument list it was compiled for. Under an
+# unchanged name, a graph cached before the change would call the op with its old list
+# (a crash: v1 had no mask and keep); under a new name the graph's code differs, so no
+# stale entry matches. `tests/components/test_fused.py` pins the schemas.
+OP_SCHEMAS = {
+    "layer_norm_act_v2": "(Tensor h, Tensor w, Tensor b, float eps, int rpm, str act, "
+                         "Tensor? bias=None, Tensor? mask=None, float keep=1.0) "
+                         "-> (Tensor, Tensor, Tensor)",
+    "layer_norm_act_v2_backward": "(Tensor grad, Tensor h, Tensor w, Tensor b, Tensor mean, "
+                                  "Tensor rstd, int rpm, str act, Tensor? bias=None, "
+                                  "Tensor? mask=None, float keep=1.0) "
+                                  "-> (Tensor, Tensor, Tensor, Tensor)",
+}
+for _name, _schema in OP_SCHEMAS.items():
+    _LIB.define(_name + _schema)
 
 
 def _contiguous(t):
@@ -659,17 +672,17 @@ def _layer_norm_act_backward_op(grad, h, w, b, mean, rstd, rpm, act, bias=None, 
     return gx, gw, gb, (glb if glb is not None else h.new_empty(0))
 
 
-_LIB.impl("layer_norm_act", _layer_norm_act_op, "CPU")
-_LIB.impl("layer_norm_act_backward", _layer_norm_act_backward_op, "CPU")
+_LIB.impl("layer_norm_act_v2", _layer_norm_act_op, "CPU")
+_LIB.impl("layer_norm_act_v2_backward", _layer_norm_act_backward_op, "CPU")
 
 
-@torch.library.register_fake("tdmpc2::layer_norm_act")
+@torch.library.register_fake("tdmpc2::layer_norm_act_v2")
 def _(h, w, b, eps, rpm, act, bias=None, mask=None, keep=1.0):
     rows = h.numel() // h.shape[-1]
     return (h.new_empty(h.shape), h.new_empty(rows), h.new_empty(rows))
 
 
-@torch.library.register_fake("tdmpc2::layer_norm_act_backward")
+@torch.library.register_fake("tdmpc2::layer_norm_act_v2_backward")
 def _(grad, h, w, b, mean, rstd, rpm, act, bias=None, mask=None, keep=1.0):
     return (h.new_empty(h.shape), w.new_empty(w.shape), b.new_empty(b.shape),
             h.new_empty(0) if bias is None else bias.new_empty(bias.shape))
@@ -698,8 +711,8 @@ def _layer_norm_act(act, h, w, b, eps, bias=None, mask=None, keep=1.0):
     if grad:
         return _LayerNormAct.apply(h, w, b, float(eps), rpm, act, bias, mask, keep)
     if torch.compiler.is_compiling():
-        return torch.ops.tdmpc2.layer_norm_act(h, w, b, float(eps), rpm, act, bias, mask,
-                                               keep)[0]
+        return torch.ops.tdmpc2.layer_norm_act_v2(h, w, b, float(eps), rpm, act, bias, mask,
+                                                  keep)[0]
     return _forward(act, h, w.contiguous(), b.contiguous(), float(eps), rpm, False,
                     _contiguous(bias), mask, keep)[0]
 

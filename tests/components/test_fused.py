@@ -173,7 +173,7 @@ def test_switched_off_the_layers_run_plain_pytorch(monkeypatch):
 @pytest.mark.parametrize("kind", ["mish", "simnorm"])
 def test_compiled_layer_calls_the_kernel_as_an_op_with_the_bias(monkeypatch, kind):
     """Under torch.compile a LayerNorm -> Mish / SimNorm layer calls the fused kernel as
-    the op `tdmpc2::layer_norm_act` (and its backward), without a graph break, and hands
+    the op `tdmpc2::layer_norm_act_v2` (and its backward), without a graph break, and hands
     it the Linear's bias as eager code does (`layers.folds_bias`): the product is a plain
     matmul. Outputs and gradients, the bias's included, equal the plain layer's."""
     import torch._dynamo
@@ -370,3 +370,22 @@ def test_ensemble_dropout_in_training_gives_the_plain_layers_results(monkeypatch
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
     assert torch.equal(got[2], want[2])  # the draws after it see the same stream
     assert (got[0] != ens.eval()(x).detach()).any()  # dropout did act
+
+
+def test_the_ops_schemas_are_pinned_to_their_versioned_names():
+    """A changed schema needs a new op name (`fused.OP_SCHEMAS`): a graph that inductor
+    cached with the C++ wrapper calls the op with the argument list it was compiled for,
+    so an old entry would call a changed op with the wrong list. Raise the version in the
+    name with the schema, then update the pins here."""
+    pinned = {
+        "layer_norm_act_v2": "tdmpc2::layer_norm_act_v2(Tensor h, Tensor w, Tensor b, float eps, "
+                             "int rpm, str act, Tensor? bias=None, Tensor? mask=None, "
+                             "float keep=1.) -> (Tensor, Tensor, Tensor)",
+        "layer_norm_act_v2_backward": "tdmpc2::layer_norm_act_v2_backward(Tensor grad, Tensor h, "
+                                      "Tensor w, Tensor b, Tensor mean, Tensor rstd, int rpm, "
+                                      "str act, Tensor? bias=None, Tensor? mask=None, "
+                                      "float keep=1.) -> (Tensor, Tensor, Tensor, Tensor)",
+    }
+    assert set(fused.OP_SCHEMAS) == set(pinned)
+    for name, schema in pinned.items():
+        assert str(getattr(torch.ops.tdmpc2, name).default._schema) == schema, name
