@@ -498,8 +498,9 @@ class EnsembleMLP(nn.Module):
             return out.view(out.shape[0], *lead, out.shape[-1])
         compiled_cpu = x.device.type == "cpu" and torch.compiler.is_compiling()
         # the fused kernels add the hidden biases: eager CPU (one GEMM per member) and
-        # compiled CPU with all members (per member GEMMs, stacked, for inductor)
-        fold = (idx is not None or (members is None and compiled_cpu)) and folds_bias(x)
+        # compiled CPU (all members: per member GEMMs, stacked, for inductor; drawn
+        # members: one bmm on their gathered weights, without baddbmm's bias copy)
+        fold = (idx is not None or compiled_cpu) and folds_bias(x)
         for i in range(self.num_layers):
             w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}")
             # hidden layers leave their bias (and dropout) to the fused kernel
@@ -530,6 +531,8 @@ class EnsembleMLP(nn.Module):
                     w, b = w[members], b[members]  # [m, in, out], [m, 1, out]
                 if i == 0 and _REFERENCE:
                     h = torch.matmul(h, w) + b
+                elif folded:  # the fused kernel adds the bias
+                    h = torch.bmm(h.expand(w.shape[0], -1, -1), w)
                 else:  # one batched matmul with the bias fused; contiguous [M, N, out]
                     h = torch.baddbmm(b, h.expand(w.shape[0], -1, -1), w)
             # h: [M, N, out]

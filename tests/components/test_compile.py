@@ -193,3 +193,44 @@ def test_cuda_graphs_need_cuda_and_compile():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="compile = True"):
             _agent("cuda", cuda_graphs=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("members", [None, [3, 0]])
+def test_compiled_ensemble_matches_the_reference_kernels(members):
+    """Compiled CPU ensembles leave the hidden biases to the fused kernels, for all members
+    (stacked GEMMs) and for drawn ones (one bmm on their gathered weights): outputs without
+    autograd (planning, TD targets), and outputs and gradients with it, as the reference
+    kernels compute them. Five members with two drawn, so a wrong member's weights or bias
+    would show (the agents above have two of two)."""
+    import torch._dynamo
+
+    from components import layers
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = layers.EnsembleMLP(5, 12, [16, 16], 7)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(6, 12, requires_grad=True)
+    idx = None if members is None else torch.tensor(members)
+    g = torch.randn(5 if members is None else len(members), 6, 7)
+    compiled = torch.compile(lambda x, idx: net(x, idx), fullgraph=True)
+    with torch.no_grad():
+        got = compiled(x, idx)
+        with layers.reference_kernels():
+            want = net(x, idx)
+    torch.testing.assert_close(got, want)
+    results = []
+    for fn in (compiled, None):
+        net.zero_grad()
+        with layers.reference_kernels() if fn is None else contextlib.nullcontext():
+            out = (fn or net)(x, idx)
+        (gx,) = torch.autograd.grad(out, x, g, retain_graph=True)
+        out.backward(g)
+        results.append((out.detach(), gx, {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (out, gx, gp), (ref_out, ref_gx, ref_gp) = results
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(gx, ref_gx)
+    for name in ref_gp:
+        torch.testing.assert_close(gp[name], ref_gp[name], msg=name)
