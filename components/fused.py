@@ -331,14 +331,14 @@ static inline void lna_row(int act, const float *xr, const float *wm, const floa
 
 /* The row that dropout passes on: (x + lb) * (mask / keep), or x * (mask / keep) */
 static inline void dropout_row(const float *restrict x, const float *restrict lb,
-                               const float *restrict mask, float keep, float *restrict y,
+                               const uint8_t *restrict mask, float keep, float *restrict y,
                                int64_t D) {
     if (lb) {
         #pragma omp simd
-        for (int64_t i = 0; i < D; i++) y[i] = (x[i] + lb[i]) * (mask[i] / keep);
+        for (int64_t i = 0; i < D; i++) y[i] = (x[i] + lb[i]) * ((float)mask[i] / keep);
     } else {
         #pragma omp simd
-        for (int64_t i = 0; i < D; i++) y[i] = x[i] * (mask[i] / keep);
+        for (int64_t i = 0; i < D; i++) y[i] = x[i] * ((float)mask[i] / keep);
     }
 }
 
@@ -348,7 +348,7 @@ static inline void dropout_row(const float *restrict x, const float *restrict lb
    [R, D]): dropout's mask of 0s and 1s, the row then being (x + lb) * (mask / keep), as
    `x * (mask / keep)` after the bias add computes it. */
 void lna_forward(int act, const float *restrict x, const float *restrict lb,
-                 const float *restrict mask, float keep,
+                 const uint8_t *restrict mask, float keep,
                  const float *restrict w, const float *restrict b, float *restrict y,
                  float *restrict mean, float *restrict rstd, int64_t R, int64_t D,
                  int64_t rpm, float eps) {
@@ -376,7 +376,7 @@ void lna_forward(int act, const float *restrict x, const float *restrict lb,
    With a mask, gx is the gradient before dropout (the LayerNorm input's times
    mask / keep). */
 int lna_backward(int act, const float *restrict g, const float *restrict x,
-                 const float *restrict lb, const float *restrict mask, float keep,
+                 const float *restrict lb, const uint8_t *restrict mask, float keep,
                  const float *restrict w, const float *restrict b,
                  const float *restrict mean, const float *restrict rstd, float *restrict gx,
                  float *restrict gw, float *restrict gb, float *restrict glb, int64_t R,
@@ -455,10 +455,10 @@ int lna_backward(int act, const float *restrict g, const float *restrict x,
             s1 /= (float)D;
             s2 /= (float)D;
             if (mask) {  /* dropout's backward: times mask / keep */
-                const float *mr = mask + r * D;
+                const uint8_t *mr = mask + r * D;
                 #pragma omp simd
                 for (int64_t i = 0; i < D; i++)
-                    gxr[i] = rs * (gz[i] - s1 - xh[i] * s2) * (mr[i] / keep);
+                    gxr[i] = rs * (gz[i] - s1 - xh[i] * s2) * ((float)mr[i] / keep);
             } else {
                 #pragma omp simd
                 for (int64_t i = 0; i < D; i++) gxr[i] = rs * (gz[i] - s1 - xh[i] * s2);
@@ -561,9 +561,20 @@ def _timed(fn, *args):
     return out
 
 
+def _mask_bytes(mask):
+    """The kernels' form of a dropout mask: one byte (0 or 1) per value. uint8 masks pass
+    as they are, bool ones as a view; a float mask of 0s and 1s is converted (a pass)."""
+    if mask is None or mask.dtype == torch.uint8:
+        return mask
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8)
+    return (mask != 0).to(torch.uint8)
+
+
 def _forward(act, h, w, b, eps, rpm, save, bias=None, mask=None, keep=1.0):
     """y, and (mean, rstd) per row when `save` (for the backward); `bias` (w's shape) is
     added to h first; then, with `mask` (h's shape), dropout: times mask / keep."""
+    mask = _mask_bytes(mask)
     R, D = h.numel() // h.shape[-1], h.shape[-1]
     y = torch.empty_like(h)
     mean = torch.empty(R) if save else None
@@ -579,6 +590,7 @@ def _backward(act, grad, h, w, b, mean, rstd, rpm, bias=None, mask=None, keep=1.
     """Gradients for h, and for w, b (contiguous, of w's shape), from the saved rows; with
     `bias` (added to h in the forward) also its gradient, else None. With `mask`, h's
     gradient is dropout's input's (times mask / keep)."""
+    mask = _mask_bytes(mask)
     R, D = h.numel() // h.shape[-1], h.shape[-1]
     members = w.numel() // D
     grad = grad.contiguous()
@@ -701,9 +713,11 @@ def fused_applies(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> bool:
 def _layer_norm_act(act, h, w, b, eps, bias=None, mask=None, keep=1.0):
     if not fused_applies(h, w, b) or (bias is not None and (
             bias.shape != w.shape or bias.dtype != w.dtype)) or (mask is not None and (
-            mask.shape != h.shape or mask.dtype != h.dtype or mask.requires_grad
+            mask.shape != h.shape or mask.dtype not in (h.dtype, torch.uint8, torch.bool)
+            or mask.requires_grad
             or not (torch.compiler.is_compiling() or mask.is_contiguous()))):
         return None
+    mask = _mask_bytes(mask)  # what the backward saves: a byte per value
     rpm = _affine_rows(h, w)[1]
     keep = float(keep)
     grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad or b.requires_grad
@@ -729,7 +743,8 @@ def layer_norm_mish(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
     the pass that writes the broadcast bias into the product's output first. Without
     autograd the kernel adds it on the fly.
 
-    `dropout_mask` (optional, h's shape, 0s and 1s, drawn by the caller) applies dropout
+    `dropout_mask` (optional, h's shape, 0s and 1s as uint8, bool or h's dtype, drawn by
+    the caller; uint8 is what the kernel reads, a float mask costs a conversion) applies dropout
     after the bias: `(h + bias) * (dropout_mask / keep)`, what `rlcore.bernoulli.dropout`
     computes from that mask, in the kernel's first pass over each row; its backward
     multiplies h's gradient by the same factor as it writes it. That saves the pass that

@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from components.fused import fused_available, layer_norm_mish, layer_norm_simnorm
+from components.fused import (fused_applies, fused_available, layer_norm_mish,
+                              layer_norm_simnorm)
 from rlcore import gemm
 from rlcore.bernoulli import dropout as _dropout
 from rlcore.bernoulli import apply_dropout_mask as _apply_mask
@@ -539,17 +540,21 @@ class EnsembleMLP(nn.Module):
             if i < self.num_layers - 1:
                 # dropout after the bias: the mask drawn here, applied by the fused kernel
                 # (or below, the same values); F.dropout where no mask is drawn
-                mask = dropout_mask(h, self.dropout) if drop else None
                 ln_w, ln_b = getattr(self, f"ln_w{i}"), getattr(self, f"ln_b{i}")
                 if members is not None:
                     ln_w, ln_b = ln_w[members], ln_b[members]
+                # a byte per value where the fused kernel reads it (a quarter of the
+                # memory written, read forward and backward, and kept for the backward)
+                mask = dropout_mask(h, self.dropout, torch.uint8 if not _REFERENCE
+                                    and fused_applies(h, ln_w, ln_b) else None
+                                    ) if drop else None
                 y = None if _REFERENCE or (drop and mask is None) else layer_norm_mish(
                     h, ln_w, ln_b, bias=bias, dropout_mask=mask, keep=1.0 - self.dropout)
                 if y is None:
                     if bias is not None:
                         h = h + bias
                     if mask is not None:
-                        h = _apply_mask(h, mask, 1.0 - self.dropout)
+                        h = _apply_mask(h, mask.to(h.dtype), 1.0 - self.dropout)
                     elif drop:
                         h = F.dropout(h, self.dropout)
                     h = mish(torch.addcmul(ln_b, F.layer_norm(h, h.shape[-1:]), ln_w))

@@ -311,19 +311,22 @@ def test_vector_code_gives_the_plain_c_builds_values_bit_for_bit(kind, shape, ws
 
 
 @needs_kernel
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.uint8, torch.bool])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_the_kernel_applies_dropout_as_the_mask_multiply_before_it_would(with_bias):
+def test_the_kernel_applies_dropout_as_the_mask_multiply_before_it_would(with_bias,
+                                                                         mask_dtype):
     """`dropout_mask=`: (h + bias) * (mask / keep) in the kernel, the same bits as that
     multiply done first (forward, and h's and the affine's gradients); the bias's gradient
-    (a sum over rows, in another order) to rounding."""
+    (a sum over rows, in another order) to rounding. A float, uint8 or bool mask alike."""
     h, w, b, g = _case((3, 64, 40), (3, 1, 40))
     lb = torch.randn(3, 1, 40) if with_bias else None
     keep = 0.9
-    mask = (torch.rand(h.shape, generator=torch.Generator().manual_seed(1)) < keep).float()
+    fmask = (torch.rand(h.shape, generator=torch.Generator().manual_seed(1)) < keep).float()
+    mask = fmask.to(mask_dtype)
     with torch.no_grad():
         pre = h + lb if with_bias else h
         assert torch.equal(fused.layer_norm_mish(h, w, b, bias=lb, dropout_mask=mask, keep=keep),
-                           fused.layer_norm_mish(pre * (mask / keep), w, b))
+                           fused.layer_norm_mish(pre * (fmask / keep), w, b))
 
     def grads(fold):
         hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, b))
@@ -331,7 +334,7 @@ def test_the_kernel_applies_dropout_as_the_mask_multiply_before_it_would(with_bi
         if fold:
             y = fused.layer_norm_mish(hh, ww, bb, bias=ll, dropout_mask=mask, keep=keep)
         else:
-            y = fused.layer_norm_mish((hh + ll if with_bias else hh) * (mask / keep), ww, bb)
+            y = fused.layer_norm_mish((hh + ll if with_bias else hh) * (fmask / keep), ww, bb)
         y.backward(g)
         return y.detach(), hh.grad, ww.grad, bb.grad, (ll.grad if with_bias else None)
 
@@ -359,10 +362,11 @@ def test_ensemble_dropout_in_training_gives_the_plain_layers_results(monkeypatch
 
     masks = []
     real = fused._layer_norm_act
-    monkeypatch.setattr(fused, "_layer_norm_act", lambda *a: masks.append(a[6] is not None)
-                        or real(*a))
+    monkeypatch.setattr(fused, "_layer_norm_act", lambda *a: masks.append(
+        None if a[6] is None else a[6].dtype) or real(*a))
     got = run()
-    assert masks[0] is True and masks.count(True) == 1, masks  # the first layer only
+    # the first layer only; a byte per value (a quarter of a float mask's memory)
+    assert masks[0] == torch.uint8 and masks.count(None) == len(masks) - 1, masks
     with reference_kernels():
         want = run()
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)

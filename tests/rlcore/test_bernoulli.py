@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import warnings
@@ -47,6 +48,24 @@ def test_same_values_and_generator_state_as_torch(dtype):
                 mine = B.bernoulli_(torch.empty(n, dtype=dtype), p)
                 assert torch.equal(mine, ref), (seed, n, p)
                 assert torch.equal(torch.get_rng_state(), ref_state), (seed, n, p)
+
+
+@pytest.mark.parametrize("n", [5, 100_003])  # one thread; several rounds on all threads
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_thresholds_equal_to_a_drawn_value_follow_torch(dtype, n):
+    """p set to a draw's own v * 2**-53 (and the next double up): the comparison is then
+    decided by the low word, which random thresholds almost never reach."""
+    torch.manual_seed(7)
+    start = torch.get_rng_state()
+    v = torch.rand(n, dtype=torch.float64)  # the same two words per value as bernoulli_
+    for k in [0, 1, n // 2, n - 1]:
+        for p in [v[k].item(), math.nextafter(v[k].item(), 2.0), math.nextafter(v[k].item(), -1.0)]:
+            torch.set_rng_state(start)
+            ref = torch.empty(n, dtype=dtype).bernoulli_(p)
+            torch.set_rng_state(start)
+            mine = B.bernoulli_(torch.empty(n, dtype=dtype), p)
+            assert torch.equal(mine, ref), (k, p)
+            assert bool(mine[k]) == (p > v[k].item()), (k, p)
 
 
 def test_values_differ_from_call_to_call_and_follow_p():
