@@ -345,8 +345,8 @@ static inline void dropout_row(const float *restrict x, const float *restrict lb
 /* R rows of D; row r uses affine row r / rpm of w, b ([M, D]). mean/rstd may be NULL.
    lb (NULL or [M, D] like w): a bias added to each row first, the preceding Linear's,
    so that layer's product need not write it into its output beforehand. mask (NULL or
-   [R, D]): dropout's mask of 0s and 1s, the row then being (x + lb) * (mask / keep), as
-   `x * (mask / keep)` after the bias add computes it. */
+   [R, D], one byte each): dropout's mask of 0s and 1s, the row then being
+   (x + lb) * (mask / keep), as `x * (mask / keep)` after the bias add computes it. */
 void lna_forward(int act, const float *restrict x, const float *restrict lb,
                  const uint8_t *restrict mask, float keep,
                  const float *restrict w, const float *restrict b, float *restrict y,
@@ -744,7 +744,7 @@ def layer_norm_mish(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
     autograd the kernel adds it on the fly.
 
     `dropout_mask` (optional, h's shape, 0s and 1s as uint8, bool or h's dtype, drawn by
-    the caller; uint8 is what the kernel reads, a float mask costs a conversion) applies dropout
+    the caller; the kernel reads bytes, so a float mask costs a conversion) applies dropout
     after the bias: `(h + bias) * (dropout_mask / keep)`, what `rlcore.bernoulli.dropout`
     computes from that mask, in the kernel's first pass over each row; its backward
     multiplies h's gradient by the same factor as it writes it. That saves the pass that

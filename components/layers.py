@@ -26,8 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from components.fused import (fused_applies, fused_available, layer_norm_mish,
-                              layer_norm_simnorm)
+from components.fused import fused_available, layer_norm_mish, layer_norm_simnorm
 from rlcore import gemm
 from rlcore.bernoulli import dropout as _dropout
 from rlcore.bernoulli import apply_dropout_mask as _apply_mask
@@ -546,8 +545,7 @@ class EnsembleMLP(nn.Module):
                 # a byte per value where the fused kernel reads it (a quarter of the
                 # memory written, read forward and backward, and kept for the backward)
                 mask = dropout_mask(h, self.dropout, torch.uint8 if not _REFERENCE
-                                    and fused_applies(h, ln_w, ln_b) else None
-                                    ) if drop else None
+                                    and fused_available() else None) if drop else None
                 y = None if _REFERENCE or (drop and mask is None) else layer_norm_mish(
                     h, ln_w, ln_b, bias=bias, dropout_mask=mask, keep=1.0 - self.dropout)
                 if y is None:

@@ -222,9 +222,7 @@ def dropout_mask(x: torch.Tensor, p: float, dtype: torch.dtype | None = None
     if not (0.0 < p < 1.0 and x.device.type in ("cpu", "cuda")
             and x.dtype == torch.float32 and x.is_contiguous()):
         return None
-    if dtype is None or dtype == x.dtype:
-        return bernoulli_(torch.empty_like(x), 1.0 - p)
-    return bernoulli_(torch.empty(x.shape, dtype=dtype, device=x.device), 1.0 - p)
+    return bernoulli_(torch.empty_like(x, dtype=dtype), 1.0 - p)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

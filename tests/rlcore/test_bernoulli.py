@@ -50,10 +50,10 @@ def test_same_values_and_generator_state_as_torch(dtype):
                 assert torch.equal(torch.get_rng_state(), ref_state), (seed, n, p)
 
 
-@pytest.mark.parametrize("n", [5, 100_003])  # one thread; several rounds on all threads
+@pytest.mark.parametrize("n", [5, 100_003])  # one of the kernel's rounds; many
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
 def test_thresholds_equal_to_a_drawn_value_follow_torch(dtype, n):
-    """p set to a draw's own v * 2**-53 (and the next double up): the comparison is then
+    """p set to a draw's own v * 2**-53 (and the doubles either side): the comparison is then
     decided by the low word, which random thresholds almost never reach."""
     torch.manual_seed(7)
     start = torch.get_rng_state()
