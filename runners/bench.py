@@ -17,7 +17,12 @@ One run reports, for a gin config (default: dog-run, 5M model, paper planner set
 - on CPU, the wall time inside the fused LayerNorm -> Mish / SimNorm kernels
   (`components.fused.kernel_time`, clocked around each kernel call during the timed calls,
   no profiler) and the ratio to the matmul that the rest of each call would reach without
-  them: the ceiling that faster kernels could approach.
+  them: the ceiling that faster kernels could approach;
+- on CPU where Linux `perf` can attach, where each part's thread time goes by sampling
+  (`runners.thread_time`: the BLAS kernels' arithmetic apart from their operand packing,
+  the fused and compiled kernels, Python and dispatch, threads waiting in OpenMP), for
+  the main thread (its shares split the wall time) and all threads, with no profiler in
+  the calls.
 
 The table goes to stdout, everything to a JSON file. Figures only: nothing here asserts a
 speed. The end-to-end phase trains for real (a short seeding phase and a few pretraining
@@ -48,7 +53,7 @@ import torch
 from components import fused
 from rlcore import gemm
 from rlcore.config import load_gin
-from runners import common
+from runners import common, thread_time
 
 DEFAULT_GIN = "gin/tdmpc2_dog.gin"
 _log = logging.getLogger("runners")
@@ -345,7 +350,7 @@ def _end_to_end(runner, agent_steps: int) -> dict[str, Any] | None:
 
 def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
               sample_repeats: int, run_dir: str,
-              breakdown_repeats: int = 3) -> dict[str, Any]:
+              breakdown_repeats: int = 3, thread_repeats: int = 3) -> dict[str, Any]:
     from runners.pipelines import OnlineRunner
 
     runner = OnlineRunner(run_dir)
@@ -392,6 +397,11 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
                                     "profiler's sight")
 
     kernels: dict[str, dict[str, Any]] = {}
+    threads: dict[str, dict[str, Any]] = {}
+    sample_threads = thread_repeats > 0 and device.type == "cpu"
+    if sample_threads and thread_time.unavailable():
+        result["thread_time_note"] = thread_time.unavailable()
+        sample_threads = False
 
     def measure(fn, name):
         clocked: list[fused.KernelTime] = []
@@ -407,6 +417,11 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
         if profile_parts:
             breakdowns[name] = time_breakdown(fn, flops=flops, matmul_gflops=mm_rate,
                                               repeats=breakdown_repeats)
+        if sample_threads:
+            try:
+                threads[name] = thread_time.sample_calls(fn, thread_repeats)
+            except RuntimeError as e:
+                result["thread_time_note"] = str(e)
         paired[name] = paired_fractions(times, mm_times, flops, matmul.flops)
         kernels[name] = fused_kernel_figures(times, clocked[-len(times):], mm_times, flops,
                                              matmul.flops)
@@ -441,6 +456,8 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
                         else timing)
     for name, breakdown in breakdowns.items():
         result[name]["breakdown"] = breakdown
+    for name, figures in threads.items():
+        result[name]["thread_time"] = figures
     for name, figures in kernels.items():
         if figures is not None:
             result[name]["fused_kernels"] = figures
@@ -499,6 +516,9 @@ def format_table(result: dict[str, Any]) -> str:
                      f"| {r['n']} | {rate} |")
     lines += _format_breakdowns(result)
     lines += _format_kernels(result)
+    lines += _format_threads(result)
+    if result.get("thread_time_note"):
+        lines += ["", f"Thread time: not sampled ({result['thread_time_note']})."]
     if result.get("breakdown_note"):
         lines += ["", f"Where the time goes: {result['breakdown_note']}."]
     e2e = result.get("end_to_end")
@@ -562,6 +582,31 @@ def _format_kernels(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+_THREAD_HEADS = {"gemm_kernels": "GEMM kernels", "gemm_packing": "GEMM packing",
+                 "fused_kernels": "fused", "compiled_kernels": "compiled",
+                 "random_draws": "draws", "optimizer_ema": "optimizer, EMA",
+                 "other_aten": "other ATen", "python_dispatch": "Python, dispatch",
+                 "openmp_wait": "OpenMP wait", "system": "libc, kernel", "other": "other"}
+
+
+def _format_threads(result: dict[str, Any]) -> list[str]:
+    rows = {name: r["thread_time"] for name, r in result.items()
+            if isinstance(r, dict) and r.get("thread_time")}
+    if not rows:
+        return []
+    lines = ["", "Thread time (perf samples of the process during "
+                 f"{next(iter(rows.values()))['calls']} more calls per part, no profiler): "
+                 "shares of the main thread's time, which split the wall time, and of all "
+                 "threads' time:", "",
+             "| part | threads | samples | " + " | ".join(_THREAD_HEADS.values()) + " |",
+             "| --- | --- | ---: | " + " | ".join("---:" for _ in _THREAD_HEADS) + " |"]
+    for name, t in rows.items():
+        for who, label in (("main", "main"), ("all", f"all {t['threads']}")):
+            cells = " | ".join(f"{t[who][k]:.1%}" for k in _THREAD_HEADS)
+            lines.append(f"| {name} | {label} | {t[who + '_samples']} | {cells} |")
+    return lines
+
+
 def _parse_envs(text: str) -> list[int]:
     try:
         envs = [int(x) for x in text.split(",") if x.strip()]
@@ -592,14 +637,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="updates when seeding ends (not timed)")
     p.add_argument("--breakdown_repeats", type=int, default=3,
                    help="profiled calls per part for the time breakdown, CPU only (0 skips)")
+    p.add_argument("--thread_repeats", type=int, default=3,
+                   help="calls per part sampled with Linux perf for the thread-time table, "
+                        "CPU only (0 skips)")
     p.add_argument("--e2e_steps", type=int, default=100,
                    help="agent steps of online training timed end to end (0 skips)")
     args = p.parse_args(argv)
     try:
         envs = _parse_envs(args.envs)
-        if args.breakdown_repeats < 0:
-            raise common.ConfigError(
-                f"--breakdown_repeats must be >= 0 (0 skips), got {args.breakdown_repeats}")
+        for flag in ("breakdown_repeats", "thread_repeats"):
+            if getattr(args, flag) < 0:
+                raise common.ConfigError(
+                    f"--{flag} must be >= 0 (0 skips), got {getattr(args, flag)}")
         for flag in ("repeats", "sample_repeats", "seed_steps"):
             if getattr(args, flag) < 1:
                 raise common.ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -620,7 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    e2e_agent_steps=args.e2e_steps,
                                    sample_repeats=args.sample_repeats,
                                    run_dir=str(Path(tmp) / "run"),
-                                   breakdown_repeats=args.breakdown_repeats)
+                                   breakdown_repeats=args.breakdown_repeats,
+                                   thread_repeats=args.thread_repeats)
             except (ValueError, TypeError) as e:
                 raise common.ConfigError(f"could not build the benchmark: {e}") from None
     except (common.ConfigError, common.RunError) as e:

@@ -251,6 +251,7 @@ def test_end_to_end_shares_cover_the_wall_time(tiny_bench):
     (["--envs=0"], "--envs"),
     (["--repeats=0"], "--repeats"),
     (["--breakdown_repeats=-1"], "--breakdown_repeats"),
+    (["--thread_repeats=-1"], "--thread_repeats"),
     (["--gin_param=OnlineRunner.no_such_thing = 1"], "no_such_thing"),
 ])
 def test_bad_input_fails_with_one_clear_error(tmp_path, args, message):
@@ -281,6 +282,26 @@ def test_bench_clocks_the_fused_kernels_and_the_ceiling_without_them(tiny_bench)
         assert f"| {part} | {k['calls']} | {k['median_ms']:.2f} |" in stdout
     assert "fused_kernels" not in result["replay_sample"]
     assert "Inside the fused LayerNorm kernels" in stdout
+
+
+def test_bench_samples_thread_time_or_says_why_not(tiny_bench):
+    """Where perf can attach, each timed part gets a thread-time split whose shares add up
+    (main thread and all threads); elsewhere the table says why there is none."""
+    from runners import thread_time
+
+    result, stdout = tiny_bench
+    reason = thread_time.unavailable()
+    if reason:
+        assert f"Thread time: not sampled ({reason})" in stdout
+        return
+    for part in ("plan_E1", "plan_E4", "update"):
+        t = result[part]["thread_time"]
+        assert t["calls"] == result["args"]["thread_repeats"] and t["main_samples"] > 0
+        for who in ("main", "all"):
+            assert sum(t[who].values()) == pytest.approx(1.0)
+        assert f"| {part} | main | {t['main_samples']} |" in stdout
+    assert "thread_time" not in result["replay_sample"]
+    assert "Thread time (perf samples" in stdout
 
 
 def test_fused_kernel_figures_take_the_kernels_out_of_each_call():
