@@ -399,8 +399,8 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
     kernels: dict[str, dict[str, Any]] = {}
     threads: dict[str, dict[str, Any]] = {}
     sample_threads = thread_repeats > 0 and device.type == "cpu"
-    if sample_threads and thread_time.unavailable():
-        result["thread_time_note"] = thread_time.unavailable()
+    if sample_threads and (reason := thread_time.unavailable()):
+        result["thread_time_note"] = reason
         sample_threads = False
 
     def measure(fn, name):
@@ -541,9 +541,13 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _part_rows(result: dict[str, Any], key: str) -> dict[str, Any]:
+    """{part: result[part][key]} for the parts that have `key`."""
+    return {name: r[key] for name, r in result.items() if isinstance(r, dict) and r.get(key)}
+
+
 def _format_breakdowns(result: dict[str, Any]) -> list[str]:
-    rows = {name: r["breakdown"] for name, r in result.items()
-            if isinstance(r, dict) and r.get("breakdown")}
+    rows = _part_rows(result, "breakdown")
     if not rows:
         return []
     heads = ["matrix products", "random draws", "compiled kernels", "optimizer, EMA",
@@ -566,8 +570,7 @@ def _format_breakdowns(result: dict[str, Any]) -> list[str]:
 
 
 def _format_kernels(result: dict[str, Any]) -> list[str]:
-    rows = {name: r["fused_kernels"] for name, r in result.items()
-            if isinstance(r, dict) and r.get("fused_kernels")}
+    rows = _part_rows(result, "fused_kernels")
     if not rows:
         return []
     lines = ["", "Inside the fused LayerNorm kernels (components.fused; wall time per call, "
@@ -582,27 +585,20 @@ def _format_kernels(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-_THREAD_HEADS = {"gemm_kernels": "GEMM kernels", "gemm_packing": "GEMM packing",
-                 "fused_kernels": "fused", "compiled_kernels": "compiled",
-                 "random_draws": "draws", "optimizer_ema": "optimizer, EMA",
-                 "other_aten": "other ATen", "python_dispatch": "Python, dispatch",
-                 "openmp_wait": "OpenMP wait", "system": "libc, kernel", "other": "other"}
-
-
 def _format_threads(result: dict[str, Any]) -> list[str]:
-    rows = {name: r["thread_time"] for name, r in result.items()
-            if isinstance(r, dict) and r.get("thread_time")}
+    rows = _part_rows(result, "thread_time")
     if not rows:
         return []
     lines = ["", "Thread time (perf samples of the process during "
                  f"{next(iter(rows.values()))['calls']} more calls per part, no profiler): "
                  "shares of the main thread's time, which split the wall time, and of all "
                  "threads' time:", "",
-             "| part | threads | samples | " + " | ".join(_THREAD_HEADS.values()) + " |",
-             "| --- | --- | ---: | " + " | ".join("---:" for _ in _THREAD_HEADS) + " |"]
+             "| part | threads | samples | " + " | ".join(thread_time.THREAD_LABELS.values())
+             + " |",
+             "| --- | --- | ---: | " + " | ".join("---:" for _ in thread_time.THREAD_KEYS) + " |"]
     for name, t in rows.items():
         for who, label in (("main", "main"), ("all", f"all {t['threads']}")):
-            cells = " | ".join(f"{t[who][k]:.1%}" for k in _THREAD_HEADS)
+            cells = " | ".join(f"{t[who][k]:.1%}" for k in thread_time.THREAD_KEYS)
             lines.append(f"| {name} | {label} | {t[who + '_samples']} | {cells} |")
     return lines
 

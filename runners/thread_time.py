@@ -44,9 +44,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-THREAD_KEYS = ("gemm_kernels", "gemm_packing", "fused_kernels", "compiled_kernels",
-               "random_draws", "optimizer_ema", "other_aten", "python_dispatch",
-               "openmp_wait", "system", "other")
+# the categories, in table order, with their column labels in `runners.bench`
+THREAD_LABELS = {"gemm_kernels": "GEMM kernels", "gemm_packing": "GEMM packing",
+                 "fused_kernels": "fused", "compiled_kernels": "compiled",
+                 "random_draws": "draws", "optimizer_ema": "optimizer, EMA",
+                 "other_aten": "other ATen", "python_dispatch": "Python, dispatch",
+                 "openmp_wait": "OpenMP wait", "system": "libc, kernel", "other": "other"}
+THREAD_KEYS = tuple(THREAD_LABELS)
 _LINE = re.compile(r"^\s*(\d+)\s+[0-9a-f]+\s+(.*?)\s+\((.*)\)\s*$")
 _RANDOM_SYMBOLS = ("normal_kernel", "NormalFill", "CPUGeneratorImpl", "mt19937",
                    "uniform_kernel", "randperm", "multinomial", "bernoulli")
