@@ -18,7 +18,6 @@ import torch.nn as nn
 from tensordict import TensorDict
 
 from components.losses import RunningScale
-from rlcore import draws
 from rlcore import math as rmath
 from rlcore.registry import register
 from rlcore.types import ACTION, OBS, REWARD, TERMINATED, EnvSpec
@@ -33,36 +32,13 @@ def _sum_losses(td: TensorDict) -> torch.Tensor:
 
 def compile_networks(model: nn.Module, *, mode: str | None = None,
                      options: dict[str, Any] | None = None) -> None:
-    """Compile each network of `model` (its direct submodules) in place.
-
-    Random draws inside compiled code fall back to eager PyTorch's generator and (on CPU)
-    keep their program order (`rlcore.draws`), so compiled and eager runs with one seed
-    draw the same numbers.
-    """
+    """Compile each network of `model` (its direct submodules) in place."""
     import torch._dynamo
 
-    draws.prepare(model)
     # Planning, evaluation and updates call the same networks on several batch shapes.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for module in model.children():
         module.compile(mode=mode, options=options)
-
-
-def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_`, returning the detached total norm.
-
-    torch scales every gradient by min(max_norm / (norm + 1e-6), 1), a multiply by
-    exactly 1 when the norm is within bounds. On CPU, where reading the norm costs no
-    device sync, that no-op is skipped: the same gradients, about 60 fewer kernels per
-    update (dog 5M: 4-5 ms).
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads, 2.0)
-    if norm.device.type != "cpu" or not bool(max_norm / (norm + 1e-6) >= 1):  # NaN: scale
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm.detach()
 
 
 def _merge(*tds: TensorDict) -> TensorDict:
@@ -96,16 +72,17 @@ class TDMPC2Agent:
         compile: compile every network of the world model with `torch.compile` (each
             module in place, so parameter names and checkpoints are unchanged), the
             planner's whole search as one graph (its `compile()`, where it has one), and
-            each update's model-side and policy losses as one graph each. Random
-            draws inside compiled code use eager PyTorch's generator, in program order
-            on CPU (`rlcore.draws`), so a seed gives the same outputs as eager, within
-            float tolerance. The first calls are slow.
+            each update's model-side and policy losses as one graph each. The first
+            calls are slow.
+        compile_options: inductor options for every compiled graph. The compile preset
+            sets `fallback_random`, so compiled code draws from eager PyTorch's
+            generator and a seed gives eager's outputs, within float tolerance.
         cuda_graphs: with `compile`, also capture the compiled networks as CUDA graphs
             (torch.compile's `reduce-overhead` mode), removing per-kernel launch cost.
             Needs a CUDA device.
         compile_cpp_wrapper: with `compile` on CPU, inductor writes each graph's wrapper
             (the code that calls its kernels and products) in C++ instead of Python
-            (`torch._inductor.config.cpp_wrapper`): less time between kernels, most
+            (inductor's `cpp_wrapper` option): less time between kernels, most
             visible in planning, whose graph runs a few hundred small kernels per call.
             Compiling takes longer (a C++ build per graph). Same results as `compile`.
 
@@ -121,6 +98,7 @@ class TDMPC2Agent:
                  policy_eps: float = 1e-5, grad_clip_norm: float = 20.0, tau: float = 0.01,
                  scale_tau: float = 0.01, mpc: bool = True, grad_log_every: int = 0,
                  fused_optimizer: bool = True, compile: bool = False,
+                 compile_options: dict[str, Any] | None = None,
                  cuda_graphs: bool = False, compile_cpp_wrapper: bool = False):
         self.spec = spec
         self.device = torch.device(device)
@@ -166,8 +144,14 @@ class TDMPC2Agent:
                              "set TDMPC2Agent.compile_cpp_wrapper = False")
         self.cuda_graphs, self.compile_cpp_wrapper = cuda_graphs, compile_cpp_wrapper
         if compile:
-            mode = "reduce-overhead" if cuda_graphs else None
-            options = {"cpp_wrapper": True} if compile_cpp_wrapper else None
+            # torch.compile takes a mode or options, not both: reduce-overhead is the
+            # option triton.cudagraphs
+            options = dict(compile_options or {})
+            if cuda_graphs:
+                options["triton.cudagraphs"] = True
+            if compile_cpp_wrapper:
+                options["cpp_wrapper"] = True
+            mode, options = None, options or None
             compile_networks(self.model, mode=mode, options=options)
             # the policy graph updates the running scale in place: a static address lets
             # CUDA graphs capture that graph (a mutated plain input makes them skip it)
@@ -226,17 +210,8 @@ class TDMPC2Agent:
 
     def _model_terms(self, pathway: str, zs, next_z, action, reward, terminated) -> TensorDict:
         args = (self.model, zs, next_z, action, reward, terminated, self.discount)
-        # the losses' TD targets share one policy evaluation on next_z (eager; compiled
-        # graphs merge the repeated evaluation themselves)
-        share = not torch.compiler.is_compiling()
-        if share:
-            self.model.share_policy_trunks(True)
-        try:
-            terms = [self.model_loss(*args, value_only=pathway == "actor_critic")]
-            terms += [loss(*args) for loss in self.extra_losses if pathway in loss.pathways]
-        finally:
-            if share:
-                self.model.share_policy_trunks(False)
+        terms = [self.model_loss(*args, value_only=pathway == "actor_critic")]
+        terms += [loss(*args) for loss in self.extra_losses if pathway in loss.pathways]
         return _merge(*terms)
 
     def _latents(self, obs: torch.Tensor, action: torch.Tensor, pathway: str):
@@ -296,8 +271,8 @@ class TDMPC2Agent:
                 out.update(self._grad_norms(model_terms))
             self.model_optim.zero_grad(set_to_none=True)
             model_total.backward()
-            out["stats/grad_norm_model"] = clip_grad_norm(
-                list(self.model.model_parameters()), self.grad_clip_norm)
+            out["stats/grad_norm_model"] = nn.utils.clip_grad_norm_(
+                self.model.model_parameters(), self.grad_clip_norm).detach()
             self.model_optim.step()
             out.update(self._kept(model_terms).to_dict())
             out["loss_total"] = model_total.detach()
@@ -305,8 +280,8 @@ class TDMPC2Agent:
         pi_terms = TensorDict(self._policy_forward(zs), batch_size=[])
         self.pi_optim.zero_grad(set_to_none=True)
         _sum_losses(pi_terms).backward()
-        out["stats/grad_norm_policy"] = clip_grad_norm(
-            list(self.model.module_groups()["policy"].parameters()), self.grad_clip_norm)
+        out["stats/grad_norm_policy"] = nn.utils.clip_grad_norm_(
+            self.model.module_groups()["policy"].parameters(), self.grad_clip_norm).detach()
         self.pi_optim.step()
         out.update(self._kept(pi_terms).to_dict())
         # Target and EMA copies

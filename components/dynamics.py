@@ -17,8 +17,6 @@ class MLPDynamics(nn.Module):
     where they broadcast (one latent for many actions).
     """
 
-    broadcasts_latent = True
-
     def __init__(self, latent_dim: int, action_dim: int, *, hidden_dim: int = 512,
                  num_layers: int = 2, simnorm_dim: int = 8):
         super().__init__()

@@ -6,8 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from components.layers import Linear, SimNorm, init_weights, mlp
-from rlcore import draws
+from components.layers import SimNorm, init_weights, mlp
 from rlcore.registry import register
 from rlcore.types import EnvSpec
 
@@ -50,7 +49,7 @@ def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
     """
     N, C, H, W = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")  # [N, C, H+2p, W+2p]
-    shift = draws.randint(0, 2 * pad + 1, (2, N, 1), device=x.device)  # [2, N, 1]
+    shift = torch.randint(0, 2 * pad + 1, (2, N, 1), device=x.device)  # [2, N, 1]
     rows = shift[0] + torch.arange(H, device=x.device)  # [N, H]
     cols = shift[1] + torch.arange(W, device=x.device)  # [N, W]
     x = padded.gather(2, rows[:, None, :, None].expand(N, C, H, W + 2 * pad))  # [N, C, H, W+2p]
@@ -105,7 +104,7 @@ class ConvEncoder(nn.Module):
             raise ValueError(f"ConvEncoder needs images of at least 39 x 39 pixels, got "
                              f"{H} x {W}; raise DMControlVecEnv.image_size (TD-MPC2: 64)")
         self.convs = nn.Sequential(*layers, nn.Flatten())
-        self.out = Linear(num_channels * sizes[0] * sizes[1], latent_dim)
+        self.out = nn.Linear(num_channels * sizes[0] * sizes[1], latent_dim)
         self.simnorm = SimNorm(simnorm_dim)
         self.reset_parameters()
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from components.layers import (EnsembleMLP, broadcast_pair, concat_mlp, grad_columns, init_weights,
-                               mlp, zero_last_linear)
-from rlcore import draws
+from components.layers import EnsembleMLP, broadcast_pair, concat_mlp, init_weights, mlp, zero_last_linear
 from rlcore import math as rmath
 from rlcore.registry import register
 
@@ -18,7 +16,7 @@ class DiscreteRegressionHead(nn.Module):
 
     The output layer starts at zero, as in TD-MPC2.
 
-    Shapes: x [..., in_dim] -> [..., K]; or z [..., L], a [..., A] -> [..., K].
+    Shapes: z [..., L], a [..., A] -> [..., K].
     """
 
     def __init__(self, in_dim: int, num_bins: int, *, hidden_dim: int = 512, num_layers: int = 2):
@@ -31,12 +29,10 @@ class DiscreteRegressionHead(nn.Module):
         init_weights(self)
         zero_last_linear(self)
 
-    broadcasts_latent = True  # forward(z, a) takes the two parts, broadcast
-
-    def forward(self, x: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
-        """forward(x) on the input; forward(z, a) on cat([z, a]) where z and a may differ
-        in leading shape where they broadcast (see `layers.concat_mlp`)."""
-        return self.net(x) if a is None else concat_mlp(self.net, x, a)
+    def forward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Logits of cat([z, a]); z and a may differ in leading shape where they
+        broadcast (see `layers.concat_mlp`)."""
+        return concat_mlp(self.net, z, a)
 
 
 @register("heads")
@@ -46,11 +42,8 @@ class EnsembleQHead(nn.Module):
     Dropout (0.01 by default) acts in each member's first layer; output layers start at
     zero. `members` selects which members to evaluate, so unused heads cost nothing.
 
-    Shapes: x [..., in_dim] -> [Q, ..., K] (or [m, ..., K] for m selected members).
+    Shapes: z [..., L], a [..., A] -> [Q, ..., K] (or [m, ..., K] for m selected members).
     """
-
-    # forward(..., input_grad_cols=(lo, hi)): only those input columns need a gradient
-    partial_input_grad = True
 
     def __init__(self, in_dim: int, num_bins: int, *, num_q: int = 5, hidden_dim: int = 512,
                  num_layers: int = 2, dropout: float = 0.01):
@@ -64,9 +57,9 @@ class EnsembleQHead(nn.Module):
     def reset_parameters(self) -> None:
         self.net.reset_parameters()
 
-    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None, *,
-                input_grad_cols: tuple[int, int] | None = None) -> torch.Tensor:
-        return self.net(x, members, input_grad_cols=input_grad_cols)
+    def forward(self, z: torch.Tensor, a: torch.Tensor,
+                members: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(torch.cat(broadcast_pair(z, a), -1), members)
 
 
 @register("heads")
@@ -91,18 +84,10 @@ class TanhGaussianPolicyHead(nn.Module):
     def reset_parameters(self) -> None:
         init_weights(self)
 
-    def trunk(self, z: torch.Tensor) -> torch.Tensor:
-        """The network's output [..., 2A] (mean and raw log-std), before any draw."""
-        return self.net(z)
-
     def forward(self, z: torch.Tensor, *, deterministic: bool = False):
-        return self.sample(self.trunk(z), deterministic=deterministic)
-
-    def sample(self, out: torch.Tensor, *, deterministic: bool = False):
-        """An action and its info from a `trunk` output (draws the noise)."""
-        mean, raw_log_std = out.chunk(2, dim=-1)  # [..., A] each
+        mean, raw_log_std = self.net(z).chunk(2, dim=-1)  # [..., A] each
         log_std = rmath.log_std_squash(raw_log_std, self.log_std_min, self.log_std_max)
-        eps = torch.zeros_like(mean) if deterministic else draws.randn_like(mean)
+        eps = torch.zeros_like(mean) if deterministic else torch.randn_like(mean)
         log_prob = rmath.gaussian_logprob(eps, log_std)  # [..., 1]
         scaled_entropy = -log_prob * self.action_dim  # [..., 1]
         action = mean + eps * log_std.exp()
@@ -139,7 +124,7 @@ class JointAuxQHead(nn.Module):
 
     One MLP [z, a] -> hidden -> G*K logits; output layer zero-initialized like the Q heads.
 
-    Shapes: x [..., in_dim] -> [..., G, K].
+    Shapes: z [..., L], a [..., A] -> [..., G, K].
     """
 
     def __init__(self, in_dim: int, num_bins: int, num_discounts: int, *, hidden_dim: int = 512,
@@ -153,11 +138,8 @@ class JointAuxQHead(nn.Module):
         init_weights(self)
         zero_last_linear(self)
 
-    broadcasts_latent = True  # forward(z, a) takes the two parts, broadcast
-
-    def forward(self, x: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
-        """forward(x) on the input; forward(z, a) on cat([z, a]) (see `layers.concat_mlp`)."""
-        out = self.net(x) if a is None else concat_mlp(self.net, x, a)  # [..., G*K]
+    def forward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        out = concat_mlp(self.net, z, a)  # [..., G*K]
         return out.view(*out.shape[:-1], self.num_discounts, self.num_bins)  # [..., G, K]
 
 
@@ -167,7 +149,7 @@ class SeparateAuxQHead(nn.Module):
 
     Runs as one batched ensemble (no Python loop over heads).
 
-    Shapes: x [..., in_dim] -> [..., G, K].
+    Shapes: z [..., L], a [..., A] -> [..., G, K].
     """
 
     def __init__(self, in_dim: int, num_bins: int, num_discounts: int, *, hidden_dim: int = 512,
@@ -180,14 +162,6 @@ class SeparateAuxQHead(nn.Module):
     def reset_parameters(self) -> None:
         self.net.reset_parameters()
 
-    broadcasts_latent = True  # forward(z, a) takes the two parts, broadcast
-
-    def forward(self, x: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
-        """forward(x) on the input; forward(z, a) on cat([z, a]), where z and a broadcast;
-        then only the part that needs a gradient gets an input gradient."""
-        if a is None:
-            return torch.movedim(self.net(x), 0, -2)  # [G, ..., K] -> [..., G, K]
-        cols = grad_columns(x, a)
-        out = self.net(torch.cat(broadcast_pair(x, a), -1),
-                       input_grad_cols=cols)  # [G, ..., K]
+    def forward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        out = self.net(torch.cat(broadcast_pair(z, a), -1))  # [G, ..., K]
         return torch.movedim(out, 0, -2)  # [..., G, K]

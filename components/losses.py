@@ -102,8 +102,9 @@ class AuxValueLoss:
     """Multi-gamma auxiliary value loss (variant, SPEC §3).
 
     y_g = r_t + gamma_g (1 - d_t) Q_aux_target,g(z_{t+1}, a'), a' ~ pi(z_{t+1}); loss is the
-    mean over g of (1/T) sum_t rho^t CE(two-hot(y_g)), weight 0.1. Training only: nothing
-    the planner, the policy or the primary TD target reads depends on the auxiliary heads.
+    mean over g of (1/T) sum_t rho^t CE(two-hot(y_g)), weight 0.1. The planner, the policy
+    loss and the primary TD target never read the auxiliary heads; this loss's gradient
+    does reach the shared encoder and dynamics, which is how it shapes the latent.
     """
 
     pathways = ("full", "actor_critic")
@@ -136,20 +137,22 @@ class AuxValueLoss:
 class TerminationLoss:
     """BCE-with-logits of the termination head on post-transition latents (episodic tasks).
 
-    (1/T) sum_t rho^t BCE(term(z_hat_{t+1}), d_t), weight 1.
+    The paper's mean over the horizon and the batch of BCE(term(z_hat_{t+1}), d_t), weight
+    1; with `rho_weighted`, (1/T) sum_t rho^t BCE_t like the other model losses.
     """
 
     pathways = ("full",)
 
-    def __init__(self, *, coef: float = 1.0, rho: float = 0.5):
-        self.coef, self.rho = coef, rho
+    def __init__(self, *, coef: float = 1.0, rho: float = 0.5, rho_weighted: bool = False):
+        self.coef, self.rho, self.rho_weighted = coef, rho, rho_weighted
 
     def __call__(self, model, zs: torch.Tensor, next_z: torch.Tensor, action: torch.Tensor,
                  reward: torch.Tensor, terminated: torch.Tensor, discount: float) -> TensorDict:
         if not model.episodic:
             return TensorDict({}, batch_size=[])
         T = action.shape[0]
-        w = rho_weights(self.rho, T, zs.device)  # [T]
+        w = (rho_weights(self.rho, T, zs.device) if self.rho_weighted
+             else torch.full((T,), 1.0 / T, device=zs.device))  # [T]
         logits = model.termination(zs[1:], logits=True)  # [T, B, 1]
         bce = F.binary_cross_entropy_with_logits(logits, terminated.float(),
                                                  reduction="none").mean(dim=(1, 2))  # [T]

@@ -14,8 +14,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from components.layers import broadcast_pair, grad_columns
-from rlcore import draws
 from rlcore import math as rmath
 from rlcore.registry import register
 from rlcore.types import EnvSpec
@@ -36,7 +34,8 @@ class WorldModel(nn.Module):
         termination_head: a head predicting episode ends; built only for episodic tasks
             (`spec.episodic`), so the same config serves both kinds of task.
         aux_q_head: auxiliary Q heads (multi-gamma, variant), built only when
-            `aux_discounts` is non-empty; trained only, never read by planning or policy.
+            `aux_discounts` is non-empty. Planner scores, the policy loss and the TD
+            targets never read them; their loss trains the shared encoder and dynamics.
         aux_discounts: the G auxiliary discounts, each in (0, 1).
         policy_ema_tau / encoder_ema_tau: build EMA copies (variant) of the policy (used
             for acting, planning and TD targets) and of the encoder (consistency and
@@ -84,7 +83,6 @@ class WorldModel(nn.Module):
         self.policy_ema_tau, self.encoder_ema_tau = policy_ema_tau, encoder_ema_tau
         self._ema_pi = _frozen_copy(self._pi) if policy_ema_tau else None
         self._ema_encoder = _frozen_copy(self._encoder) if encoder_ema_tau else None
-        self._shared_trunks: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] | None = None
 
     # -- parameter groups -------------------------------------------------------------
     @property
@@ -133,15 +131,11 @@ class WorldModel(nn.Module):
 
     def next(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """z' [..., L]; z and a may differ in leading shape where they broadcast."""
-        if not getattr(self._dynamics, "broadcasts_latent", False):
-            z, a = broadcast_pair(z, a)
         return self._dynamics(z, a)
 
     def reward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Reward logits [..., K]; z and a may differ in leading shape where they broadcast."""
-        if getattr(self._reward, "broadcasts_latent", False):
-            return self._reward(z, a)
-        return self._reward(torch.cat(broadcast_pair(z, a), dim=-1))
+        return self._reward(z, a)
 
     def termination(self, z: torch.Tensor, *, logits: bool = False) -> torch.Tensor:
         """P(episode ends on entering z) [..., 1] (or its logit)."""
@@ -159,23 +153,7 @@ class WorldModel(nn.Module):
         """The policy prior; `target` uses the EMA policy when there is one (acting,
         planning, TD targets), the online one otherwise."""
         net = self._ema_pi if target and self._ema_pi is not None else self._pi
-        shared = self._shared_trunks
-        if shared is None or torch.is_grad_enabled() or not hasattr(net, "sample"):
-            return net(z, deterministic=deterministic)
-        for n, zc, out in shared:  # the same network on the same latent tensor: reuse
-            if n is net and zc is z:
-                return net.sample(out, deterministic=deterministic)
-        out = net.trunk(z)
-        shared.append((net, z, out))
-        return net.sample(out, deterministic=deterministic)
-
-    def share_policy_trunks(self, on: bool) -> None:
-        """While on, `pi` without gradients on a latent tensor it has already seen reuses
-        the policy network's output for it and draws only new noise, in the same order as
-        before: the TD target and the auxiliary TD targets both act from z_{t+1}, and the
-        network then runs once for both, with the same results. Off clears what was kept.
-        (Compiled graphs merge the two evaluations by themselves.)"""
-        self._shared_trunks = [] if on else None
+        return net(z, deterministic=deterministic)
 
     def Q(self, z: torch.Tensor, a: torch.Tensor, *, return_type: str = "min",
           target: bool = False, detach: bool = False) -> torch.Tensor:
@@ -187,38 +165,31 @@ class WorldModel(nn.Module):
         """
         if return_type not in ("min", "avg", "all"):
             raise ValueError(f"return_type must be min, avg or all, got {return_type!r}")
-        x = torch.cat([z, a], dim=-1)  # [..., L+A]
         net = self._target_Qs if target else self._Qs
-        # Only the part that needs a gradient gets an input gradient: the latent in the
-        # model losses (the action is data), the action in the policy loss (detached
-        # latent).
-        cols = grad_columns(z, a) if getattr(net, "partial_input_grad", False) else None
-        kwargs = {"input_grad_cols": cols} if cols is not None else {}
         if return_type == "all":
             if detach:
                 with torch.no_grad():
-                    return net(x)
-            return net(x, **kwargs)
-        # Two members: both, in order (min and mean are symmetric), with no draw; inductor
-        # (torch 2.13) fails to compile a permutation indexing a dimension of its length.
-        members = (draws.randperm(self.num_q, device=x.device)[:2] if self.num_q > 2
-                   else None)
-        if detach:
+                    return net(z, a)
+            return net(z, a)
+        # Only the two members drawn are evaluated; with two members, both, in order
+        # (min and mean are symmetric), without a draw.
+        members = torch.randperm(self.num_q, device=z.device)[:2] if self.num_q > 2 else None
+        if detach:  # no gradient into the critic, but through `a` into the policy
             params = {k: v.detach() for k, v in net.named_parameters()}
-            logits = torch.func.functional_call(net, params, (x, members), kwargs)
+            logits = torch.func.functional_call(net, params, (z, a, members))
         else:
-            logits = net(x, members, **kwargs)  # [2, ..., K]
+            logits = net(z, a, members)  # [2, ..., K]
         q1, q2 = self.decode(logits).unbind(0)  # [..., 1] each
         return torch.min(q1, q2) if return_type == "min" else (q1 + q2) / 2
 
     def aux_Q(self, z: torch.Tensor, a: torch.Tensor, *, target: bool = False) -> torch.Tensor:
-        """Auxiliary Q logits [..., G, K] (training only)."""
+        """Auxiliary Q logits [..., G, K]. Only their loss reads them: planner scores, the
+        policy loss and the primary TD target never do, while their gradient does reach the
+        shared encoder and dynamics."""
         if self._aux_Qs is None:
             raise RuntimeError("this world model has no auxiliary Q heads (aux_discounts=())")
         net = self._target_aux_Qs if target else self._aux_Qs
-        if getattr(net, "broadcasts_latent", False):
-            return net(z, a)
-        return net(torch.cat(broadcast_pair(z, a), dim=-1))
+        return net(z, a)
 
     # -- copies -----------------------------------------------------------------------
     @torch.no_grad()

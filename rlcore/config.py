@@ -80,22 +80,40 @@ def _check_bindings() -> None:
                     "--gin_param.")
 
 
+def _nearest(name: str, candidates: Iterable[str], n: int = 3) -> str:
+    near = difflib.get_close_matches(name, sorted(candidates), n=n, cutoff=0.5)
+    return f" Did you mean {', '.join(near)}?" if near else ""
+
+
 def _explain(err: Exception, where: str) -> ConfigError:
-    msg = str(err)
-    m = re.search(r"No configurable matching '([^']+)'", msg)
+    msg = str(err.msg if isinstance(err, SyntaxError) else err)
+    m = re.search(r"No configurable matching (?:reference )?'@?([^']+)'", msg)
     if m:
         name = m.group(1)
-        near = difflib.get_close_matches(name, _known_names(), n=4, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(near)}?" if near else ""
         return ConfigError(
-            f"unknown configurable '{name}' in {where}.{hint} Components are referenced as "
-            "@<kind>.<Name>; list them with `python -m runners.online --list_components`, and "
-            "make sure the gin file imports the module that registers it.")
+            f"unknown configurable '{name}' in {where}.{_nearest(name, _known_names())} "
+            "Components are referenced as @<kind>.<Name>; list them with `python -m "
+            "runners.online --list_components`, and make sure the gin file imports the module "
+            "that registers it.")
     m = re.search(r"(?:Configurable|configurable) '([^']+)' doesn't have a parameter named '([^']+)'",
                   msg)
     if m:
-        return ConfigError(f"unknown parameter {m.group(1)}.{m.group(2)} in {where}: {msg}")
+        from gin import config as _gc
+
+        selector, pname = m.groups()
+        configurable = _gc._REGISTRY.get_match(selector)  # type: ignore[attr-defined]
+        accepted = _accepted_params(configurable.wrapped)[0] if configurable else set()
+        return ConfigError(f"unknown parameter {selector}.{pname} in {where}."
+                           f"{_nearest(pname, accepted)} Fix the binding.")
     first = msg.strip().splitlines()[0] if msg.strip() else type(err).__name__
+    loc = getattr(err, "filename", None), getattr(err, "lineno", None)
+    if isinstance(err, SyntaxError) and loc[1]:
+        text = (err.text or "").strip()
+        token = re.search(r"Failed to parse token '([^']*)'", msg)
+        what = (f"'{token.group(1)}' is not a value gin reads (numbers, 'quoted strings', "
+                "True/False/None, lists, @references, %MACROS)" if token else first)
+        return ConfigError(f"could not parse {loc[0] or where}, line {loc[1]}: `{text}`: "
+                           f"{what}. Fix that line.")
     return ConfigError(f"could not parse {where}: {first}. Fix the gin syntax there "
                        "(bindings look like `Name.param = value`).")
 

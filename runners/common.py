@@ -15,7 +15,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from rlcore import alloc
 from rlcore.config import ConfigError, load_gin
 
 __all__ = ["ConfigError", "RunError", "main", "make_parser", "select_device"]
@@ -111,10 +110,8 @@ def configure_logging() -> None:
 
 
 def configure_process() -> None:
-    """What every runner entry point sets up first: logging, and large CPU tensors that
-    reuse freed heap memory (`rlcore.alloc`)."""
+    """What every runner entry point sets up first."""
     configure_logging()
-    alloc.keep_large_buffers()
 
 
 def main(argv: Sequence[str] | None, description: str, run: Callable[[argparse.Namespace], int]) -> int:

@@ -54,6 +54,15 @@ def test_dog_file_is_the_paper_setup(tmp_path):
     assert gin.query_parameter("MPPIPlanner.num_samples") == 512
     assert gin.query_parameter("MPPIPlanner.iterations") == 6
     assert gin.query_parameter("EpisodeSliceBuffer.batch_size") == 256
+    # the published dog-run curves (../shared/reference/tdmpc2/dog-run.csv): 14M env
+    # steps, an evaluation every 100k
+    assert gin.query_parameter("OnlineRunner.total_env_steps") == 14_000_000
+    assert gin.query_parameter("OnlineRunner.eval_every") == 100_000
+    # the paper's agent: the elite is sampled in evaluation too, trajectories are cut at
+    # P(end) > 0.5, and the termination loss is a plain mean
+    assert gin.query_parameter("MPPIPlanner.deterministic_eval") is False
+    assert gin.query_parameter("MPPIPlanner.soft_termination") is False
+    assert gin.query_parameter("TerminationLoss.rho_weighted") is False
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -95,6 +104,29 @@ def test_unknown_names_get_suggestions():
         load_gin([str(GIN / "tdmpc2_dog.gin")], ["MPPIPlaner.horizon = 3"])
     with pytest.raises(ConfigError, match="temperature"):
         load_gin([str(GIN / "tdmpc2_dog.gin")], ["MPPIPlanner.temprature = 1.0"])
+
+
+def test_a_mistyped_component_reference_gets_the_nearest_names():
+    """Swapping components is the main use of bindings: a typo names the component meant."""
+    with pytest.raises(ConfigError, match=r"unknown configurable 'planners.MPPIPlaner'.*"
+                                          r"Did you mean planners.MPPIPlanner"):
+        load_gin([str(GIN / "tdmpc2_dog.gin")], ["TDMPC2Agent.planner = @planners.MPPIPlaner"])
+
+
+def test_a_mistyped_runner_parameter_gets_the_nearest_names():
+    with pytest.raises(ConfigError, match=r"OnlineRunner.total_env_step .*Did you mean "
+                                          r"total_env_steps"):
+        load_gin([str(GIN / "tdmpc2_dog.gin")], ["OnlineRunner.total_env_step = 1"])
+
+
+def test_a_malformed_line_is_named_by_file_and_line(tmp_path):
+    bad = tmp_path / "bad.gin"
+    bad.write_text("include 'gin/tdmpc2_dog.gin'\n\nOnlineRunner.seed = foo bar\n")
+    with pytest.raises(ConfigError) as err:
+        load_gin([str(bad)])
+    msg = str(err.value)
+    assert f"{bad}, line 3: `OnlineRunner.seed = foo bar`" in msg and "'foo'" in msg
+    assert "ast." not in msg and "0x" not in msg
 
 
 def test_gin_bindings_spelling_is_accepted():

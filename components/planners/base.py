@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from rlcore import draws
 
 
 class PopulationPlanner:
@@ -33,13 +32,18 @@ class PopulationPlanner:
         iterations: refinement iterations (`iterations_large_action` when A >= 20).
         min_std, max_std: std clip; the std starts at max_std.
         deterministic_eval: in evaluation take the best elite's first action instead of
-            sampling an elite.
+            sampling an elite with the refit's weights (the paper samples in evaluation
+            too; evaluation adds no action noise either way).
+        soft_termination: episodic models weight step t by the predicted probability of
+            not having terminated before it, instead of the paper's rule: a trajectory
+            is cut from the first step whose termination probability exceeds 0.5.
     """
 
     def __init__(self, model, action_dim: int, discount: float, *, horizon: int = 3,
                  num_samples: int = 512, num_pi_trajs: int = 24, num_elites: int = 64,
                  iterations: int = 6, iterations_large_action: int = 8,
-                 min_std: float = 0.05, max_std: float = 2.0, deterministic_eval: bool = True):
+                 min_std: float = 0.05, max_std: float = 2.0, deterministic_eval: bool = False,
+                 soft_termination: bool = False):
         if not 0 < num_elites <= num_samples:
             raise ValueError(f"num_elites must be in (0, num_samples], got {num_elites}")
         if not 0 <= num_pi_trajs < num_samples:
@@ -52,6 +56,7 @@ class PopulationPlanner:
         self.iterations = iterations_large_action if action_dim >= 20 else iterations
         self.min_std, self.max_std = min_std, max_std
         self.deterministic_eval = deterministic_eval
+        self.soft_termination = soft_termination
         # Warm-start means per stream ("train" / "eval"): [E, H, A].
         self._prev_mean: dict[str, torch.Tensor] = {}
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -77,8 +82,10 @@ class PopulationPlanner:
     def _score(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Sum_t gamma^t r_t + gamma^H Q(z_H, pi(z_H)).
 
-        Episodic models weight step t by the probability of not having terminated before
-        it (the termination head reads post-transition latents).
+        Episodic models stop counting a trajectory from the first step whose predicted
+        termination probability exceeds 0.5 (the termination head reads post-transition
+        latents); with `soft_termination`, step t is weighted by the probability of not
+        having terminated before it.
 
         Shapes: z [E, N, L] (or [E, 1, L]: one latent shared by the N candidates, whose
         first-step work then runs once), actions [H, E, N, A] -> [E, N].
@@ -92,7 +99,9 @@ class PopulationPlanner:
             G = G + discount * alive * r
             discount *= self.discount
             if self.model.episodic:
-                alive = alive * (1 - self.model.termination(z))
+                p_end = self.model.termination(z)  # [E, N, 1]
+                alive = alive * (1 - p_end if self.soft_termination
+                                 else (p_end <= 0.5).to(alive.dtype))
         a, _ = self.model.pi(z, target=True)
         G = G + discount * alive * self.model.Q(z, a, return_type="avg")  # [E, N, 1]
         return G.squeeze(-1).nan_to_num(0.0)  # [E, N]
@@ -125,11 +134,9 @@ class PopulationPlanner:
         action selection) with `torch.compile` as one graph per batch shape and mode.
 
         One graph lets inductor fuse the elementwise work between the networks' matrix
-        products and removes the per-network call overhead; random draws stay in eager
-        PyTorch's generator (`fallback_random`), so a seed gives the same plans. The
-        first call per shape compiles (about a minute for dog-run's 5M model here).
+        products and removes the per-network call overhead. The first call per shape
+        compiles (about a minute for dog-run's 5M model on a 2-core CPU).
         """
-        draws.prepare(self.model)  # eager RNG and ordered draws: the same plans
         self._search = torch.compile(self._search, mode=mode, options=options, dynamic=False)
 
     @torch.no_grad()
@@ -151,7 +158,7 @@ class PopulationPlanner:
         z1 = z.unsqueeze(1)  # [E, 1, L]: every candidate starts from the env's latent
         std = torch.full_like(mean, self.max_std)  # [E, H, A]
         for _ in range(self.iterations):
-            noise = draws.randn(H, E, N - P, A, device=device)
+            noise = torch.randn(H, E, N - P, A, device=device)
             sample = mean.transpose(0, 1).unsqueeze(2) + std.transpose(0, 1).unsqueeze(2) * noise
             actions = sample.clamp(-1, 1)  # [H, E, N-P, A]
             if pi_actions is not None:
@@ -166,11 +173,11 @@ class PopulationPlanner:
         if eval_mode and self.deterministic_eval:
             pick = elite_scores.argmax(dim=1)  # [E]
         else:
-            pick = draws.multinomial(weights, 1).squeeze(1)  # [E]
+            pick = torch.multinomial(weights, 1).squeeze(1)  # [E]
         chosen = elite_actions[:, torch.arange(E, device=device), pick]  # [H, E, A]
         a = chosen[0]  # [E, A]
         if not eval_mode:
-            a = a + std[:, 0] * draws.randn(E, A, device=device)
+            a = a + std[:, 0] * torch.randn(E, A, device=device)
         stats = {
             "chosen_value": elite_scores.gather(1, pick.unsqueeze(1)).mean(),
             "elite_mean": elite_scores.mean(),

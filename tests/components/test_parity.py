@@ -9,8 +9,7 @@ documents the layout, the draws and the tolerances; this test follows it:
   layout (`_to_ours`), running scale = `update/scale_before`;
 * replays the recorded draws by patching `torch.randn`, `torch.randn_like`,
   `torch.randperm`, `torch.multinomial` (returns the recorded elite `pick`) and
-  `torch.nn.functional.dropout` (applies the recorded mask), plus, while it exists,
-  `components.layers.dropout_mask` (today's mask draw), one queue per kind; our Q ensemble
+  `torch.nn.functional.dropout` (applies the recorded mask), one queue per kind; our Q ensemble
   draws its two members first and runs only them, so it gets mask rows perm[0], perm[1];
   each section must use up its queues and leave the global RNG untouched;
 * compares, section by section (`_estimate_value`, plan with t0, warm-started plan,
@@ -26,8 +25,7 @@ Not compared (not reachable through the agent's public surface): the latents and
 policy outputs per element (`zs`, `next_z`, `pi_*` tensors; only their means via the
 update's stats), the reward logits, each iteration's mean / std / candidate actions (they
 determine the candidate values, which are compared), Adam's moments. The fixture does
-not exercise gradient clipping, episodic tasks or eval-mode planning (where the official
-planner still samples an elite; ours takes the best one).
+not exercise gradient clipping, episodic tasks or eval-mode planning.
 """
 
 from __future__ import annotations
@@ -45,7 +43,6 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import components.layers as layers
 from components.agent import TDMPC2Agent
 from components.dynamics import MLPDynamics
 from components.encoders import MLPEncoder
@@ -76,10 +73,6 @@ def _load(case: str) -> dict:
         pytest.skip(f"official TD-MPC2 golden fixture not found at {path} (expected "
                     "../shared/parity next to the repository, or set TDMPC2_PARITY_DIR)")
     return torch.load(path, weights_only=True)
-
-
-def _reference_kernels():
-    return getattr(layers, "reference_kernels", contextlib.nullcontext)()
 
 
 # -- parameter layout -------------------------------------------------------------------
@@ -261,9 +254,6 @@ class _Replay:
         scaled = self.mask(x).to(x.dtype) / (1 - p)
         return x.mul_(scaled) if inplace else x * scaled
 
-    def dropout_mask(self, x, p, dtype=None):
-        return self.mask(x).to(dtype or x.dtype).clone()
-
     def _topk(self, orig, x, k, *args, **kwargs):
         out = orig(x, k, *args, **kwargs)
         self.topk.append((x.detach().clone(), out[0].detach().clone(), out[1].clone()))
@@ -286,8 +276,6 @@ class _Replay:
         patch(torch, "randperm", self.randperm)
         patch(torch, "multinomial", self.multinomial)
         patch(F, "dropout", self.dropout)
-        if hasattr(layers, "dropout_mask"):  # today's mask draw (before the rewrite)
-            patch(layers, "dropout_mask", self.dropout_mask)
         patch(torch, "topk", lambda x, k, *a, **kw: self._topk(torch_topk, x, k, *a, **kw))
         patch(torch.Tensor, "topk", lambda x, k, *a, **kw: self._topk(tensor_topk, x, k,
                                                                       *a, **kw))
@@ -578,10 +566,9 @@ def test_matches_official_tdmpc2(case):
     data = _load(case)
     torch.manual_seed(0)
     diffs = _Diffs()
-    with _reference_kernels():
-        agent = _make_agent(data)
-        _check_estimate_value(agent, data, diffs)
-        _check_plan(agent, data, 0, diffs)
-        _check_plan(agent, data, 1, diffs)
-        _check_update(agent, data, diffs)
+    agent = _make_agent(data)
+    _check_estimate_value(agent, data, diffs)
+    _check_plan(agent, data, 0, diffs)
+    _check_plan(agent, data, 1, diffs)
+    _check_update(agent, data, diffs)
     diffs.assert_ok()

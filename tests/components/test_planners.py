@@ -228,12 +228,14 @@ class _CaptureElites:
 
 @PLANNERS
 def test_action_selection(kind):
-    """Evaluation takes the best elite's first action; training samples an elite and adds
-    Gaussian noise with the final std; `deterministic_eval=False` samples in evaluation."""
+    """By default evaluation samples an elite (the paper's rule) and takes its first
+    action; `deterministic_eval=True` takes the best elite's; training samples an elite and
+    adds Gaussian noise with the final std."""
     toy = ToyModel()
     z = toy_latent()
     ones = torch.ones(E, dtype=torch.bool)
-    planner = make(kind, toy, num_samples=64, num_elites=8, iterations=1)
+    planner = make(kind, toy, num_samples=64, num_elites=8, iterations=1,
+                   deterministic_eval=True)
     cap = _CaptureElites(planner)
     a = planner.plan(z, ones, eval_mode=True)
     best = cap.scores.argmax(dim=1)  # [E]
@@ -245,8 +247,8 @@ def test_action_selection(kind):
     dist = (first - a.unsqueeze(1)).abs().amax(-1).amin(-1)  # [E]
     assert (dist > 0).all()
 
-    sampling = make(kind, toy, num_samples=64, num_elites=8, iterations=1,
-                    deterministic_eval=False)
+    sampling = make(kind, toy, num_samples=64, num_elites=8, iterations=1)
+    assert sampling.deterministic_eval is False
     cap = _CaptureElites(sampling)
     picks = set()
     for _ in range(10):

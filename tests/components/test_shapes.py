@@ -68,7 +68,7 @@ def test_dynamics_shapes(name, lead):
 def test_reward_head_shapes(lead):
     cls = registry.registered("heads")["DiscreteRegressionHead"]
     head = cls(L + A, K, hidden_dim=H)
-    out = head(torch.randn(*lead, L + A))
+    out = head(torch.randn(*lead, L), torch.randn(*lead, A))
     assert out.shape == (*lead, K)
     assert (out == 0).all()  # zero-initialized output layer
 
@@ -78,11 +78,11 @@ def test_reward_head_shapes(lead):
 def test_q_head_shapes(lead, num_q):
     cls = registry.registered("heads")["EnsembleQHead"]
     head = cls(L + A, K, num_q=num_q, hidden_dim=H)
-    x = torch.randn(*lead, L + A)
-    assert head(x).shape == (num_q, *lead, K)
+    z, a = torch.randn(*lead, L), torch.randn(*lead, A)
+    assert head(z, a).shape == (num_q, *lead, K)
     members = torch.tensor([num_q - 1, 0])
-    assert head(x, members).shape == (2, *lead, K)
-    assert head(x, torch.tensor([1])).shape == (1, *lead, K)
+    assert head(z, a, members).shape == (2, *lead, K)
+    assert head(z, a, torch.tensor([1])).shape == (1, *lead, K)
 
 
 def test_q_head_needs_two_members():

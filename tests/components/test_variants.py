@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tensordict import TensorDict
 
 from components.agent import TDMPC2Agent
@@ -76,8 +78,9 @@ def scramble_aux(model):
 @pytest.mark.parametrize("lead", [(B,), (T, B)])
 def test_aux_head_shapes(head, lead):
     h = head(L + A, 21, 3, hidden_dim=H)
-    assert h(torch.randn(*lead, L + A)).shape == (*lead, 3, 21)
-    assert torch.all(h(torch.randn(*lead, L + A)) == 0)  # zero-initialized output
+    z, a = torch.randn(*lead, L), torch.randn(*lead, A)
+    assert h(z, a).shape == (*lead, 3, 21)
+    assert torch.all(h(z, a) == 0)  # zero-initialized output
 
 
 def test_no_aux_discounts_builds_nothing():
@@ -177,6 +180,50 @@ def test_planner_weights_rewards_by_survival():
     r0 = model.decode(model.reward(z, acts[0])).squeeze(-1)
     torch.testing.assert_close(dead, r0, rtol=1e-4, atol=1e-4)
     assert torch.all(alive > dead)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_planner_cuts_trajectories_where_termination_is_likely(soft):
+    """The paper's rule (default): from the first step whose termination probability
+    exceeds 0.5 a trajectory earns nothing more; `soft_termination` weights each later
+    step by the survival probability instead."""
+    agent = make_agent(episodic=True)
+    agent.planner.soft_termination = soft
+    model, H, gamma = agent.model, agent.planner.horizon, agent.discount
+    z = torch.randn(E, 4, L).softmax(-1)
+    acts = torch.rand(H, E, 4, A) * 2 - 1
+    with torch.no_grad():
+        model._reward.net[-1].bias[15] = 50.0  # a positive reward everywhere
+        model._termination.net[-1].weight.zero_()
+        model._termination.net[-1].bias.fill_(math.log(0.6 / 0.4))  # P(end) = 0.6
+        torch.manual_seed(0)
+        score = agent.planner._score(z, acts)
+        r, zt = [], z
+        for t in range(H):
+            r.append(model.decode(model.reward(zt, acts[t])).squeeze(-1))
+            zt = model.next(zt, acts[t])
+        torch.manual_seed(0)
+        q = model.Q(zt, model.pi(zt, target=True)[0], return_type="avg").squeeze(-1)
+    if soft:
+        want = sum(gamma ** t * 0.4 ** t * r[t] for t in range(H)) + (gamma * 0.4) ** H * q
+    else:
+        want = r[0]
+    torch.testing.assert_close(score, want, rtol=1e-4, atol=1e-4)
+
+
+def test_termination_loss_is_the_plain_mean_by_default():
+    agent = make_agent(episodic=True)
+    batch = make_batch(terminal=True)
+    zs, next_z, action, reward, terminated = agent._prepare(batch, "full")
+    logits = agent.model.termination(zs[1:], logits=True)
+    plain = F.binary_cross_entropy_with_logits(logits, terminated)
+    out = TerminationLoss()(agent.model, zs, next_z, action, reward, terminated, 0.99)
+    torch.testing.assert_close(out["loss_termination"], plain)
+    per_t = F.binary_cross_entropy_with_logits(logits, terminated, reduction="none").mean((1, 2))
+    weighted = (0.5 ** torch.arange(per_t.shape[0]) * per_t).mean()
+    out = TerminationLoss(rho_weighted=True)(agent.model, zs, next_z, action, reward,
+                                             terminated, 0.99)
+    torch.testing.assert_close(out["loss_termination"], weighted)
 
 
 def test_td_target_stops_at_terminal_states():
