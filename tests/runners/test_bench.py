@@ -1,8 +1,9 @@
 """`python -m runners.bench`: the figures it prints are measured and counted, not assumed.
 
 Nothing here asserts a speed (timed assertions flake on shared machines); the tests check
-that the FLOP counts are real counts, that the end-to-end shares add up, and that bad
-input fails cleanly.
+that the FLOP counts are real counts, that the rates agree with each other, that the
+warm-up is kept apart, that the report renders saved runs, and that bad input fails
+cleanly.
 """
 
 from __future__ import annotations
@@ -58,81 +59,8 @@ def test_count_flops_leaves_compiled_code_compiled():
     assert _ran_compiled(lambda: fn(x))
 
 
-def test_categorize_puts_operators_in_their_category():
-    assert bench.categorize("aten::addmm") == "matrix_products"
-    assert bench.categorize("aten::baddbmm") == "matrix_products"
-    assert bench.categorize("aten::bernoulli_") == "random_draws"
-    assert bench.categorize("tdmpc2::bernoulli_") == "random_draws"  # rlcore.bernoulli
-    assert bench.categorize("tdmpc2::randn") == "random_draws"  # rlcore.draws
-    assert bench.categorize("## Call CompiledFxGraph fabc ##") == "compiled_kernels"
-    assert bench.categorize("tdmpc2::layer_norm_mish_backward") == "compiled_kernels"
-    assert bench.categorize("aten::_fused_adam_") == "optimizer_ema"
-    assert bench.categorize("aten::lerp_") == "optimizer_ema"
-    assert bench.categorize("aten::native_layer_norm") == "other_ops"
 
 
-def test_time_breakdown_attributes_a_call_to_its_operators():
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(256, 256)
-    x = torch.randn(512, 256)
-
-    def fn():
-        h = torch.nn.functional.dropout(lin(x), 0.1, training=True)
-        return torch.nn.functional.layer_norm(h, h.shape[-1:])
-
-    flops = bench.count_flops(fn)
-    assert flops == 2 * 512 * 256 * 256
-    b = bench.time_breakdown(fn, flops=flops, matmul_gflops=100.0, repeats=2)
-    assert set(b["ms"]) == set(bench.BREAKDOWN_KEYS)
-    assert b["ms"]["matrix_products"] > 0 and b["ms"]["random_draws"] > 0
-    assert b["ms"]["other_ops"] > 0  # layer norm, the dropout's multiply
-    assert b["ms"]["compiled_kernels"] == 0 and b["ms"]["optimizer_ema"] == 0
-    assert sum(b["ms"].values()) == pytest.approx(b["profiled_ms"])
-    assert sum(b["share"].values()) == pytest.approx(1.0)
-    assert b["matrix_gflops_per_s"] == pytest.approx(
-        flops / (b["ms"]["matrix_products"] / 1e3) / 1e9)
-    assert b["matrix_fraction_of_matmul"] == pytest.approx(b["matrix_gflops_per_s"] / 100.0)
-    assert b["executed_matrix_flops"] == pytest.approx(flops)
-
-
-def test_breakdown_notes_when_a_compiled_call_runs_fewer_flops_than_counted():
-    """A compiled graph can merge work eager mode repeats (common subexpressions): the
-    report then says that the part's rates rest on more FLOPs than it ran."""
-    lin = torch.nn.Linear(64, 32)
-    x = torch.randn(16, 64)
-
-    @torch.compile
-    def loss(x):
-        with torch.no_grad():
-            target = lin(x) + lin(x)
-        return (lin(x) * target).sum()  # the three Linears merge into one when compiled
-
-    def step():
-        loss(x).backward()
-
-    step()
-    product = 2 * 16 * 64 * 32
-    counted = bench.count_flops(step)
-    assert counted == 4 * product  # eager: three forwards and the weight gradient
-    b = bench.time_breakdown(step, flops=counted, matmul_gflops=1.0, repeats=2)
-    assert b["executed_matrix_flops"] == pytest.approx(counted / 2)
-    lines = bench._format_breakdowns({"part": {"flops": counted, "breakdown": b}})
-    assert any(line.startswith("note: part ran 0.00 GFLOP") and "+100.0%" in line
-               for line in lines)
-    b["executed_matrix_flops"] = counted
-    assert not any(line.startswith("note:") for line in
-                   bench._format_breakdowns({"part": {"flops": counted, "breakdown": b}}))
-
-
-def test_time_breakdown_sees_compiled_kernels_and_leaves_them_compiled():
-    lin = torch.nn.Linear(64, 32)
-    fn = torch.compile(lambda x: torch.nn.functional.mish(lin(x)))
-    x = torch.randn(16, 64)
-    fn(x)
-    b = bench.time_breakdown(lambda: fn(x), flops=2 * 16 * 64 * 32, matmul_gflops=1.0,
-                             repeats=2)
-    assert b["ms"]["compiled_kernels"] > 0
-    assert _ran_compiled(lambda: fn(x))
 
 
 def test_summarize_reports_median_and_spread():
@@ -141,11 +69,6 @@ def test_summarize_reports_median_and_spread():
     assert s["p10_ms"] == pytest.approx(2.0) and s["p90_ms"] == pytest.approx(10.0)
     assert s["min_ms"] == pytest.approx(1.0) and s["max_ms"] == pytest.approx(11.0)
     assert s["n"] == 11
-
-
-def test_matmul_reference_is_a_positive_rate():
-    r = bench.matmul_reference(torch.device("cpu"), n=128, repeats=3)
-    assert r["flops"] == 2 * 128 ** 3 and r["size"] == 128 and r["gflops_per_s"] > 0
 
 
 def test_interleaved_timing_alternates_the_part_and_the_matmul():
@@ -173,13 +96,21 @@ def tiny_bench(tmp_path_factory):
 
 def test_bench_reports_every_part(tiny_bench):
     result, stdout = tiny_bench
+    parts = result["parts"]
     for part in ("plan_E1", "plan_E4", "update", "replay_sample", "env_step_E1", "env_step_E4"):
-        assert result[part]["median_ms"] > 0, part
-        assert result[part]["p10_ms"] <= result[part]["median_ms"] <= result[part]["p90_ms"]
+        assert parts[part]["median_ms"] > 0, part
+        assert parts[part]["p10_ms"] <= parts[part]["median_ms"] <= parts[part]["p90_ms"]
         assert f"| {part} |" in stdout
     assert result["matmul"]["gflops_per_s"] > 0
     assert "fp32 matmul reference" in stdout and "end-to-end:" in stdout
-    assert result["machine"]["device"] == "cpu" and result["machine"]["torch"]
+    machine = result["machine"]
+    assert machine["device"] == "cpu" and machine["torch"] == torch.__version__
+    assert machine["cpu"] and machine["torch_threads"] >= 1 and machine["commit"]
+    config = result["config"]
+    assert config["task"] == "cartpole-balance" and config["num_envs"] == 2
+    assert config["gin_files"] == ["gin/tdmpc2_dog.gin", "gin/test/tiny.gin"]
+    assert config["gin_params"] == ["TASK = 'cartpole-balance'"]
+    assert "MPPIPlanner.num_samples = 32" in config["operative_config"]
     mem = result["memory"]
     # tiny cartpole: 5 obs + 1 action + reward (float32), terminated (bool), episode (int64)
     assert mem["replay_bytes_per_step"] == 4 * 5 + 4 * 1 + 4 + 1 + 8
@@ -188,11 +119,12 @@ def test_bench_reports_every_part(tiny_bench):
 
 def test_planning_flops_are_counted_and_scale_with_envs(tiny_bench):
     result, _ = tiny_bench
-    f1, f4 = result["plan_E1"]["flops"], result["plan_E4"]["flops"]
+    parts = result["parts"]
+    f1, f4 = parts["plan_E1"]["flops"], parts["plan_E4"]["flops"]
     assert f1 > 0 and f4 == 4 * f1  # every planning matmul is batched over the E envs
-    assert result["update"]["flops"] > 0
+    assert parts["update"]["flops"] > 0
     for part in ("plan_E1", "update"):
-        r = result[part]
+        r = parts[part]
         assert r["gflops_per_s"] == pytest.approx(r["flops"] / r["median_ms"] * 1e-6)
         assert r["matmul_gflops_per_s"] > 0
         assert r["matmul_fraction"] == pytest.approx(r["gflops_per_s"] / r["matmul_gflops_per_s"])
@@ -205,8 +137,7 @@ def test_paired_fractions_cancel_a_drifting_machine():
     """A machine that slows down 4x during the run slows both members of each pair alike:
     the paired ratio stays exact, while the ratio of the medians depends on where the
     medians fall."""
-    from runners.bench import paired_fractions
-
+    paired_fractions = bench.paired_fractions
     mm = [1.0, 2.0, 4.0, 4.0, 4.0]  # matmul call times, the machine slowing down
     part = [0.5, 1.0, 2.0, 2.0, 2.0]  # a part that always takes half the matmul's time
     pair = paired_fractions(part, mm, flops=100, mm_flops=100)
@@ -215,107 +146,104 @@ def test_paired_fractions_cancel_a_drifting_machine():
     assert drifted["median"] == 1.0 and drifted["p10"] < 1.0 < drifted["p90"]
 
 
-def test_bench_breaks_planning_and_update_time_down(tiny_bench):
+def test_step_rates_agree_with_each_other():
+    r = bench.step_rates(100.0, action_repeat=2)
+    assert r["env_steps_per_second"] == 200.0
+    assert r["hours_per_million_agent_steps"] == pytest.approx(1e6 / 100.0 / 3600)
+
+
+def test_end_to_end_reports_agent_and_env_steps_and_hours(tiny_bench):
     result, stdout = tiny_bench
-    for part in ("plan_E1", "plan_E4", "update"):
-        b = result[part]["breakdown"]
-        assert sum(b["share"].values()) == pytest.approx(1.0)
-        assert b["ms"]["matrix_products"] > 0 and b["matrix_gflops_per_s"] > 0
-        assert f"| {part} | {b['profiled_ms']:.1f} |" in stdout
-    assert result["update"]["breakdown"]["ms"]["optimizer_ema"] > 0  # Adam and the EMA
-    assert "breakdown" not in result["replay_sample"]
-    assert "Where the time goes" in stdout
-
-
-def test_table_says_why_a_part_was_not_profiled(tiny_bench):
-    """With C++ graph wrappers (`TDMPC2Agent.compile_cpp_wrapper`) the profiler sees whole
-    graphs only, so the bench skips the breakdown and says so instead of printing zeros."""
-    result, _ = tiny_bench
-    result = {k: ({kk: vv for kk, vv in v.items() if kk != "breakdown"}
-                  if isinstance(v, dict) else v) for k, v in result.items()}
-    assert "Where the time goes" not in bench.format_table(result)
-    result["breakdown_note"] = "not profiled: why"
-    assert "Where the time goes: not profiled: why." in bench.format_table(result)
-
-
-def test_end_to_end_shares_cover_the_wall_time(tiny_bench):
-    result, _ = tiny_bench
     e2e = result["end_to_end"]
-    assert e2e["env_steps"] == 20 * 2  # agent steps x action repeat, past seeding
-    assert e2e["env_steps_per_second"] > 0 and e2e["updates"] > 0
+    assert e2e["agent_steps"] == 20 and e2e["env_steps"] == 20 * 2  # action repeat 2
+    assert e2e["updates"] > 0
+    assert e2e["agent_steps_per_second"] == pytest.approx(e2e["agent_steps"] / e2e["seconds"])
+    assert e2e["env_steps_per_second"] == pytest.approx(2 * e2e["agent_steps_per_second"])
+    assert e2e["hours_per_million_agent_steps"] == pytest.approx(
+        1e6 / e2e["agent_steps_per_second"] / 3600)
     assert sum(e2e["share"].values()) == pytest.approx(1.0, abs=1e-6)
     assert e2e["share"]["plan"] > 0 and e2e["share"]["update"] > 0 and e2e["share"]["env"] > 0
+    assert (f"{e2e['agent_steps_per_second']:.1f} agent steps/s, "
+            f"{e2e['env_steps_per_second']:.1f} env steps/s, "
+            f"{e2e['hours_per_million_agent_steps']:.1f} h per 1M agent steps") in stdout
+
+
+def test_rates_per_env_count_come_from_the_parts(tiny_bench):
+    """Per E: a loop of E agent steps is one planning call, one env step and
+    E x utd_ratio (tiny.gin: 0.25) replay samples and updates."""
+    result, _ = tiny_bench
+    parts = result["parts"]
+    assert [r["envs"] for r in result["per_envs"]] == [1, 4]
+    for r in result["per_envs"]:
+        E = r["envs"]
+        loop_ms = (parts[f"plan_E{E}"]["median_ms"] + parts[f"env_step_E{E}"]["median_ms"]
+                   + E * 0.25 * (parts["update"]["median_ms"]
+                                 + parts["replay_sample"]["median_ms"]))
+        assert r["agent_steps_per_second"] == pytest.approx(E / loop_ms * 1e3)
+        assert r["env_steps_per_second"] == pytest.approx(2 * r["agent_steps_per_second"])
+        assert r["hours_per_million_agent_steps"] == pytest.approx(
+            1e6 / r["agent_steps_per_second"] / 3600)
+
+
+def test_warmup_is_reported_apart(tiny_bench):
+    result, stdout = tiny_bench
+    w = result["warmup"]
+    assert w["plan_envs"] == 2 and w["plan_s"] > 0 and w["update_s"] > 0
+    assert (f"first planning call (E=2) {w['plan_s']:.2f} s, first update "
+            f"{w['update_s']:.2f} s") in stdout
+
+
+def test_first_update_times_itself_once_wherever_it_runs():
+    class Agent:
+        def update(self, batch, pathway="full"):
+            return batch, pathway
+
+    agent, warmup = Agent(), {}
+    bench._time_first_update(agent, torch.device("cpu"), warmup)
+    assert agent.update(1, pathway="policy") == (1, "policy")
+    first = warmup["update_s"]
+    assert first > 0 and "update" not in vars(agent)  # the plain method again
+    assert agent.update(2) == (2, "full") and warmup["update_s"] == first
+
+
+def test_report_renders_saved_runs_with_machine_commit_and_config(tiny_bench, tmp_path,
+                                                                  capsys):
+    result, stdout = tiny_bench
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(result))
+    tables = tmp_path / "docs" / "tables.md"
+    assert bench.main(["--report", str(saved), str(saved), f"--report_out={tables}"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == tables.read_text()
+    m = result["machine"]
+    for text in (m["cpu"], f"commit {m['commit']}", f"torch {m['torch']}", m["date"],
+                 "### cartpole-balance", "MPPIPlanner (2 iterations x 32 samples",
+                 "gin/tdmpc2_dog.gin, gin/test/tiny.gin; `TASK = 'cartpole-balance'`",
+                 "| plan_E4 |", "- end-to-end:"):
+        assert printed.count(text) == 2, text  # once per file
+    assert bench.format_table(result) in stdout  # the run printed the same table
 
 
 @pytest.mark.parametrize("args, message", [
     (["--envs=0"], "--envs"),
     (["--repeats=0"], "--repeats"),
-    (["--breakdown_repeats=-1"], "--breakdown_repeats"),
-    (["--thread_repeats=-1"], "--thread_repeats"),
-    (["--gin_param=OnlineRunner.no_such_thing = 1"], "no_such_thing"),
+    (["--e2e_steps=-1"], "--e2e_steps"),
+    (["--report=no/such.json"], "no/such.json"),
+    (["--report_out=tables.md"], "--report_out goes with --report"),
 ])
-def test_bad_input_fails_with_one_clear_error(tmp_path, args, message):
+def test_bad_flags_fail_with_one_clear_error(tmp_path, capsys, args, message):
     out = tmp_path / "bench.json"
-    proc = _bench(*TINY, f"--out={out}", *args, timeout=120)
-    assert proc.returncode == 2
-    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
-    assert message in proc.stderr
+    assert bench.main([*TINY, f"--out={out}", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err
     assert not out.exists()
 
 
-def test_bench_clocks_the_fused_kernels_and_the_ceiling_without_them(tiny_bench):
-    """On CPU the bench reports the wall time inside the fused LayerNorm kernels per call
-    and the paired ratio to the matmul the rest of the call reaches; the ceiling is
-    above the part's own ratio by the kernels' share."""
-    from components import fused
-
-    if not fused.fused_available():
-        pytest.skip("no fused kernels here (no C compiler)")
-    result, stdout = tiny_bench
-    for part in ("plan_E1", "plan_E4", "update"):
-        k = result[part]["fused_kernels"]
-        assert k["calls"] > 0 and k["median_ms"] > 0 and 0 < k["share"] < 1
-        assert k["median_ms"] < result[part]["p90_ms"]
-        without = k["matmul_fraction_without_paired"]
-        assert without["n"] == result["args"]["repeats"]
-        assert without["median"] > result[part]["matmul_fraction_paired"]["median"]
-        assert f"| {part} | {k['calls']} | {k['median_ms']:.2f} |" in stdout
-    assert "fused_kernels" not in result["replay_sample"]
-    assert "Inside the fused LayerNorm kernels" in stdout
-
-
-def test_bench_samples_thread_time_or_says_why_not(tiny_bench):
-    """Where perf can attach, each timed part gets a thread-time split whose shares add up
-    (main thread and all threads); elsewhere the table says why there is none."""
-    from runners import thread_time
-
-    result, stdout = tiny_bench
-    reason = thread_time.unavailable()
-    if reason:
-        assert f"Thread time: not sampled ({reason})" in stdout
-        return
-    for part in ("plan_E1", "plan_E4", "update"):
-        t = result[part]["thread_time"]
-        assert t["calls"] == result["args"]["thread_repeats"] and t["main_samples"] > 0
-        for who in ("main", "all"):
-            assert sum(t[who].values()) == pytest.approx(1.0)
-        assert f"| {part} | main | {t['main_samples']} |" in stdout
-    assert "thread_time" not in result["replay_sample"]
-    assert "Thread time (perf samples" in stdout
-
-
-def test_fused_kernel_figures_take_the_kernels_out_of_each_call():
-    from components.fused import KernelTime
-    from runners.bench import fused_kernel_figures
-
-    def clock(calls, seconds):
-        c = KernelTime()
-        c.calls, c.seconds = calls, seconds
-        return c
-
-    figures = fused_kernel_figures([1.0, 2.0], [clock(3, 0.5), clock(3, 1.0)], [1.0, 2.0],
-                                   flops=100, mm_flops=100)
-    assert figures["calls"] == 3 and figures["share"] == 0.5
-    assert figures["median_ms"] == pytest.approx(750.0)
-    assert figures["matmul_fraction_without_paired"]["median"] == pytest.approx(2.0)
-    assert fused_kernel_figures([1.0], [clock(0, 0.0)], [1.0], 100, 100) is None
+def test_bad_config_fails_with_one_clear_error(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _bench(*TINY, f"--out={out}", "--gin_param=OnlineRunner.no_such_thing = 1",
+                  timeout=120)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "no_such_thing" in proc.stderr
+    assert not out.exists()
