@@ -69,6 +69,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
+from rlcore import checks
 from rlcore.registry import register
 from rlcore.types import (
     ACTION,
@@ -272,8 +273,7 @@ class _VecEnvBase:
         low: np.ndarray,
         high: np.ndarray,
     ) -> None:
-        if num_envs < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        num_envs = checks.integer(type(self).__name__, "num_envs", num_envs, at_least=1)
         if action_repeat < 1:
             raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
         self._num_envs = num_envs
@@ -434,8 +434,7 @@ class EnvpoolVecEnv(_VecEnvBase):
         action_repeat = DMC_ACTION_REPEAT if action_repeat is None else int(action_repeat)
         if action_repeat < 1:
             raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
-        if num_envs < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        num_envs = checks.integer(type(self).__name__, "num_envs", num_envs, at_least=1)
         self.env_id = resolve_task(task)
         self.obs_layout = dmc_obs_layout(task)  # ((key, size), ...)
         self._keys = tuple(k for k, _ in self.obs_layout)
@@ -535,8 +534,7 @@ class GymnasiumVecEnv(_VecEnvBase):
     ) -> None:
         import gymnasium
 
-        if num_envs < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        num_envs = checks.integer(type(self).__name__, "num_envs", num_envs, at_least=1)
         if isinstance(env, str):
             task = env
             kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}

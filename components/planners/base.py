@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from rlcore import checks
 
 
 class PopulationPlanner:
@@ -44,6 +45,14 @@ class PopulationPlanner:
                  iterations: int = 6, iterations_large_action: int = 8,
                  min_std: float = 0.05, max_std: float = 2.0, deterministic_eval: bool = False,
                  soft_termination: bool = False):
+        owner = type(self).__name__
+        for name, value, least in (("horizon", horizon, 1), ("num_samples", num_samples, 1),
+                                   ("num_pi_trajs", num_pi_trajs, 0),
+                                   ("num_elites", num_elites, 1), ("iterations", iterations, 1),
+                                   ("iterations_large_action", iterations_large_action, 1)):
+            checks.integer(owner, name, value, at_least=least)
+        min_std = checks.number(owner, "min_std", min_std, low=0.0, low_open=True)
+        max_std = checks.number(owner, "max_std", max_std, low=min_std)
         if not 0 < num_elites <= num_samples:
             raise ValueError(f"num_elites must be in (0, num_samples], got {num_elites}")
         if not 0 <= num_pi_trajs < num_samples:

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 from tensordict import TensorDict
 
+from rlcore import checks
 from rlcore.registry import register
 from rlcore.types import ACTION, EPISODE, OBS, REWARD, TERMINATED, EnvSpec
 
@@ -77,12 +78,10 @@ class EpisodeSliceBuffer:
         device: str | torch.device = "cpu",
         storage_device: str | torch.device = "cpu",
     ) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be positive, got {capacity}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if horizon < 0:
-            raise ValueError(f"horizon must be non-negative, got {horizon}")
+        owner = type(self).__name__
+        capacity = checks.integer(owner, "capacity", capacity, at_least=1)
+        batch_size = checks.integer(owner, "batch_size", batch_size, at_least=1)
+        horizon = checks.integer(owner, "horizon", horizon, at_least=0)
         self.spec = spec
         self.capacity = int(capacity)
         self.batch_size = int(batch_size)
