@@ -54,15 +54,6 @@ def test_ensemble_matches_a_loop_over_member_mlps(members):
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
 
 
-def test_ensemble_dropout_acts_in_training_only():
-    ens = layers.EnsembleMLP(2, 6, [64], 3, dropout=0.5)
-    x = torch.randn(10, 6)
-    ens.eval()
-    torch.testing.assert_close(ens(x), ens(x))
-    ens.train()
-    assert not torch.allclose(ens(x), ens(x))
-
-
 def test_concat_mlp_with_one_latent_for_many_actions_is_the_concatenation():
     """Planning's first step: one latent per env, N candidate actions."""
     net = layers.mlp(4 + 2, [8, 8], 4, out_act=layers.SimNorm(2))
