@@ -1,6 +1,7 @@
 """What every grid executor shares: a cell's task and result, running it wherever the
 executor runs it (output to `<cell>/grid.log`, the DONE/FAILED markers, the cell's lock),
-and the `Executor` interface.
+and the `Executor` interface. Slurm jobs and Ray workers import this module and
+runners.grid_spec to run a cell: both stay free of torch.
 """
 
 from __future__ import annotations
