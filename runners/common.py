@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -45,6 +46,13 @@ def select_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: the file appears whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp_{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def config_files_for(run_dir: str | None, gin_files: Sequence[str]) -> list[str]:

@@ -2,8 +2,9 @@
 
 `Evaluator` rebuilds the env and the agent from the run's `config.gin` (the
 `OnlineRunner.env` and `.agent` bindings, or `OfflineRunner`'s; nothing else of the
-training run is built) with the EnvSpec the agent trained with (`run.json`), loads a checkpoint's `agent` state, runs N episodes with the deterministic planner
-(and with the policy prior alone), records videos, and writes:
+training run is built) with the EnvSpec the agent trained with (`run.json`), loads a
+checkpoint's `agent` state, runs N episodes with the deterministic planner (and with the
+policy prior alone), records videos, and writes:
 
     run_dir/
       eval.json                               returns (mean, std, per episode) and videos
@@ -11,30 +12,18 @@ training run is built) with the EnvSpec the agent trained with (`run.json`), loa
       tb/events.out.tfevents.*                a new events file: the videos as GIFs
 
 Nothing else in the run directory is touched; every file appears complete or not at all
-(temporary name, then rename).
-
-Videos come from a render-capable copy of the run's env (`video_env_for`): envpool cannot
-render on this machine, so an `EnvpoolVecEnv` run records from `rlcore.dmc.DMControlVecEnv`
-on the same task (same observation layout, different physics RNG: video episodes are
-extra episodes, not replays of the scored ones); a `GymnasiumVecEnv` is rebuilt with
-`render_mode='rgb_array'` (same seeds, so video episode i starts where scored episode i
-did). A clip holds one frame per agent step, starting with the first observation; the
-final frame of an episode is missing, because the env resets inside `step()`.
-
-`record_videos` is the piece `OnlineRunner.evaluate` calls to add videos to its periodic
-evaluations.
+(temporary name, then rename). Episodes and videos come from runners.rollouts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gin
 import numpy as np
@@ -42,169 +31,18 @@ import torch
 
 from rlcore.checkpointing import SENTINEL, STATE_FILE, CheckpointError, Checkpointer
 from rlcore.seeding import seed_everything
-from rlcore.types import DONE, NEXT_OBS, OBS, REWARD, EnvSpec
-from rlcore.video import Mp4Writer, add_video, resize_frames
-from runners.common import ConfigError, RunError, select_device
+from rlcore.types import EnvSpec
+from runners.common import ConfigError, RunError, select_device, write_atomic
+from runners.rollouts import EVAL_SEED_OFFSET, record_videos, run_episodes
 
-__all__ = ["EVAL_FILE", "Evaluator", "find_checkpoint", "record_episodes", "record_videos",
-           "video_env_for"]
+__all__ = ["EVAL_FILE", "Evaluator", "find_checkpoint"]
 
 _log = logging.getLogger("runners")
 
 EVAL_FILE = "eval.json"
-VIDEO_DIR = "videos"
 TB_DIR = "tb"
-VIDEO_TAG = "eval_video"
-EVAL_SEED_OFFSET = 100_000  # as OnlineRunner's evaluation envs
 
 
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
-
-
-# ---------------------------------------------------------------------------
-# Video envs and recording.
-# ---------------------------------------------------------------------------
-def video_env_for(env_factory: Callable[..., Any], env: Any, *, num_envs: int, seed: int):
-    """A render-capable env with the observations and actions of the run's `env`.
-
-    Args:
-        env_factory: the run's env reference (`OnlineRunner.env`), called with
-            `num_envs`, `seed` (and `render_mode` where it takes one).
-        env: an instance the factory built (decides which backend renders).
-
-    Raises:
-        RunError: the env cannot render, or the render-capable copy disagrees with it.
-    """
-    from rlcore.envs import EnvpoolVecEnv
-
-    spec: EnvSpec = env.spec
-    if isinstance(env, EnvpoolVecEnv):
-        # envpool cannot render here: dm_control on the same task renders with MUJOCO_GL=egl.
-        try:
-            from rlcore.dmc import DMControlVecEnv
-        except ImportError as e:
-            raise RunError(f"videos of envpool task {spec.task!r} need rlcore.dmc "
-                           f"(dm_control): {e}") from None
-        kwargs: dict[str, Any] = {"num_envs": num_envs, "seed": seed,
-                                  "action_repeat": spec.action_repeat}
-        if _accepts(DMControlVecEnv, "max_episode_steps"):
-            kwargs["max_episode_steps"] = spec.episode_length * spec.action_repeat
-        if _accepts(DMControlVecEnv, "obs_type"):
-            kwargs["obs_type"] = spec.obs_type
-        video_env = DMControlVecEnv(spec.task, **kwargs)
-    elif _accepts(env_factory, "render_mode"):  # GymnasiumVecEnv and the like
-        video_env = env_factory(num_envs=num_envs, seed=seed, render_mode="rgb_array")
-    elif callable(getattr(env, "render", None)):  # an env that always renders
-        video_env = env_factory(num_envs=num_envs, seed=seed)
-    else:
-        raise RunError(f"{type(env).__name__} cannot render, so no videos can be recorded for "
-                       f"{spec.task!r}; pass --videos=0 (Evaluator.videos = 0)")
-    got = (video_env.spec.obs_shape, video_env.spec.action_dim)
-    if got != (spec.obs_shape, spec.action_dim):
-        video_env.close()
-        raise RunError(f"the render-capable env for {spec.task!r} has observations/actions "
-                       f"{got}, the run's env {(spec.obs_shape, spec.action_dim)}; pass "
-                       "--videos=0")
-    return video_env
-
-
-@torch.no_grad()
-def record_episodes(env: Any, agent: Any, sink: Callable[[int, np.ndarray], None], *,
-                    size: int = 256, use_planner: bool = True) -> tuple[list[float], list[int]]:
-    """One episode in each of `env`'s E envs, rendered every agent step.
-
-    `sink(i, frame)` receives env i's frames in order (uint8 [size, size, 3]): the first
-    observation, then one frame per step until the episode ends (the final frame is not
-    available: finished envs are reset inside `step()`), so an episode of L agent steps
-    gives L frames.
-
-    Returns:
-        (returns, lengths), one per env.
-    """
-    E = env.spec.num_envs
-    td = env.reset()
-    frames = env.render(size)  # [E, size, size, 3]
-    for i in range(E):
-        sink(i, frames[i])
-    obs, is_first = td[OBS], torch.ones(E, dtype=torch.bool)
-    returns, lengths = np.zeros(E), np.zeros(E, dtype=int)
-    running = np.ones(E, dtype=bool)
-    while running.any():
-        action = agent.act(obs, is_first, eval_mode=True, use_planner=use_planner)  # [E, A]
-        td = env.step(action)
-        done = td[DONE].numpy()
-        returns[running] += td[REWARD].numpy()[running]
-        lengths[running] += 1
-        running &= ~done
-        if running.any():
-            frames = env.render(size)  # [E, size, size, 3]
-            for i in np.flatnonzero(running):
-                sink(int(i), frames[i])
-        obs, is_first = td[NEXT_OBS], td[DONE].clone()
-    return returns.tolist(), lengths.tolist()
-
-
-def record_videos(env_factory: Callable[..., Any], env: Any, agent: Any,
-                  run_dir: str | os.PathLike[str], step: int, *, episodes: int = 1,
-                  size: int = 256, fps: float = 30.0, seed: int = 0, use_planner: bool = True,
-                  tb_writer: Any = None, tb_size: int | None = 128, tb_stride: int = 2,
-                  prefix: str = "eval") -> list[dict[str, Any]]:
-    """Record `episodes` episodes of `agent` as mp4 files (and TensorBoard GIFs).
-
-    Files: `run_dir/videos/<prefix>_step<step>_ep<i>.mp4`; TensorBoard tag
-    `eval_video/ep<i>` at `step` when `tb_writer` (a SummaryWriter) is given, shrunk to
-    `tb_size` and every `tb_stride`-th frame (GIFs are large).
-
-    Returns:
-        One entry per episode: path (relative to run_dir), episode, return, length,
-        frames, size [H, W].
-    """
-    if size < 16 or size % 2:
-        raise RunError(f"video size must be an even number >= 16, got {size}")
-    run_dir = Path(run_dir)
-    video_env = video_env_for(env_factory, env, num_envs=episodes, seed=seed)
-    paths = [run_dir / VIDEO_DIR / f"{prefix}_step{step}_ep{i}.mp4" for i in range(episodes)]
-    writers = [Mp4Writer(p, fps=fps) for p in paths]
-    # TensorBoard keeps only every tb_stride-th frame, shrunk: full clips would be big.
-    tb_side = size if tb_size is None else min(tb_size, size)
-    clips: list[list[np.ndarray]] = [[] for _ in range(episodes)]
-
-    def sink(i: int, frame: np.ndarray) -> None:
-        if tb_writer is not None and writers[i].frames % tb_stride == 0:
-            clips[i].append(resize_frames(frame, tb_side))
-        writers[i].append(frame)
-
-    try:
-        returns, lengths = record_episodes(video_env, agent, sink, size=size,
-                                           use_planner=use_planner)
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
-    finally:
-        video_env.close()
-    out = []
-    for i, w in enumerate(writers):
-        w.close()
-        if tb_writer is not None:
-            add_video(tb_writer, f"{VIDEO_TAG}/ep{i}", np.stack(clips[i]), step,
-                      fps=fps / tb_stride, size=None)
-        out.append({"path": str(paths[i].relative_to(run_dir)), "episode": i,
-                    "return": float(returns[i]), "length": int(lengths[i]),
-                    "frames": w.frames, "size": [size, size]})
-    if tb_writer is not None:
-        tb_writer.flush()
-    return out
-
-
-# ---------------------------------------------------------------------------
-# The evaluator.
-# ---------------------------------------------------------------------------
 def _runner_bindings() -> dict[str, Any]:
     """The bindings of the runner that trained the run (`OnlineRunner` or `OfflineRunner`)."""
     for root in ("OnlineRunner", "OfflineRunner"):
@@ -251,12 +89,6 @@ def find_checkpoint(run_dir: str | os.PathLike[str],
 def _summary(returns: list[float], lengths: list[int]) -> dict[str, Any]:
     return {"mean": float(np.mean(returns)), "std": float(np.std(returns)),
             "returns": [float(r) for r in returns], "lengths": [int(n) for n in lengths]}
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp_{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 @gin.configurable
@@ -359,8 +191,6 @@ class Evaluator:
     @torch.no_grad()
     def run(self) -> dict[str, Any]:
         """Evaluate, record videos, write `eval.json`; return its contents."""
-        from runners.pipelines import _run_episodes  # lazy: pipelines may import this module
-
         t0 = time.perf_counter()
         result: dict[str, Any] = {
             "step": self.step,
@@ -371,7 +201,7 @@ class Evaluator:
         }
         modes = [("planner", True)] + ([("policy_prior", False)] if self.policy_prior else [])
         for name, use_planner in modes:
-            returns, lengths, _ = _run_episodes(self.env, self.agent, use_planner)
+            returns, lengths, _ = run_episodes(self.env, self.agent, use_planner)
             result[name] = _summary(returns, lengths)
             _log.info("%s: return %.1f +- %.1f over %d episodes", name, result[name]["mean"],
                       result[name]["std"], self.episodes)
@@ -380,7 +210,7 @@ class Evaluator:
         self.env.close()
         result["videos"] = self._record() if self.videos else []
         result["seconds"] = round(time.perf_counter() - t0, 2)
-        _write_json_atomic(self.run_dir / EVAL_FILE, result)
+        write_atomic(self.run_dir / EVAL_FILE, json.dumps(result, indent=2) + "\n")
         return result
 
     def _record(self) -> list[dict[str, Any]]:

@@ -16,8 +16,8 @@ added to every cell (after `grid.params`). Exit code: 0 when every cell finished
 some cell failed or did not run (each failure is printed with its log path), 2 on user
 errors (one line), 130 when interrupted (re-run the same command to finish).
 
-A thin entry point: the grid, its executors and the summary live in runners.grid_lib and
-runners.plot.
+A thin entry point: the grid lives in runners.grid_spec, running it in runners.grid_run
+(executors: runners.grid_local, grid_slurm, grid_ray), the summary in runners.plot.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlcore.config import ConfigError
-from runners import grid_lib, plot
+from runners import grid_run, plot
+from runners.grid_spec import Cell, Grid, GridError
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--gin_param", "--gin_bindings", dest="gin_param", action="append",
                    default=[], help="a binding: grid.*/executor ones configure the grid, any "
                    "other goes to every cell (repeatable)")
-    p.add_argument("--executor", choices=sorted(grid_lib.EXECUTORS), default=None,
+    p.add_argument("--executor", choices=sorted(grid_run.EXECUTORS), default=None,
                    help="where cells run (default: grid.executor, else local)")
     p.add_argument("--max_workers", type=int, default=None, help="cells running at once")
     p.add_argument("--threads_per_job", type=int, default=None, help="CPU threads per cell")
@@ -53,12 +54,12 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _summarize(grid: grid_lib.Grid, cells: Sequence[grid_lib.Cell], args) -> int:
+def _summarize(grid: Grid, cells: Sequence[Cell], args) -> int:
     try:
         steps = plot.parse_steps(args.steps) if args.steps else None
         max_step = plot.parse_steps(args.max_step)[0] if args.max_step else None
     except ValueError as e:
-        raise grid_lib.GridError(str(e)) from None
+        raise GridError(str(e)) from None
     curves = [c for c in (plot.read_curve(cell.run_dir, cell.condition or grid.name, cell.seed)
                           for cell in cells) if c is not None]
     have = {(c.condition, c.seed) for c in curves}
@@ -75,25 +76,25 @@ def _summarize(grid: grid_lib.Grid, cells: Sequence[grid_lib.Cell], args) -> int
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
-        grid, cell_params = grid_lib.load_grid(args.gin_file, args.gin_param)
+        grid, cell_params = grid_run.load_grid(args.gin_file, args.gin_param)
         cells = grid.cells(cell_params)
         if args.summarize:
             return _summarize(grid, cells, args)
-        executor = grid_lib.make_executor(
+        executor = grid_run.make_executor(
             grid, args.executor, max_workers=args.max_workers,
             threads_per_job=args.threads_per_job, partition=args.slurm_partition,
             folder=args.slurm_folder, address=args.ray_address)
         planned = grid.validate(cells)
         if not args.dry_run:
             executor.check()
-        print(grid_lib.format_plan(grid, planned, executor), flush=True)
+        print(grid_run.format_plan(grid, planned, executor), flush=True)
         if args.dry_run:
             return 0
-        with grid_lib.sigterm_as_interrupt():
-            outcome = grid_lib.run_grid(grid, planned, executor,
+        with grid_run.sigterm_as_interrupt():
+            outcome = grid_run.run_grid(grid, planned, executor,
                                         out=lambda s: print(s, flush=True))
         return 0 if outcome.ok else 1
-    except (ConfigError, grid_lib.GridError) as e:
+    except (ConfigError, GridError) as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
     except KeyboardInterrupt:

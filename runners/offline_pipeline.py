@@ -8,17 +8,9 @@ is evaluated in the real environment at a cadence of updates.
 
 Steps: every `step` of this runner (TensorBoard, `eval.csv`, checkpoint folders
 `step_<n>`, the progress bar) counts *updates*, not env steps: the data's env steps are
-fixed (`env_steps` attribute of each file, recorded in `run.json`).
-
-Run directory:
-
-    run_dir/
-      config.gin          operative gin config (resume rebuilds from it)
-      run.json            dataset spec, the datasets (path, episodes, env steps, ...), the
-                          split sizes, seed, device, versions
-      eval.csv            step,reward,seed,... with step = updates (when an env is bound)
-      tb/                 TensorBoard: loss/, train/, grad/, validation/, eval/, time/
-      checkpoints/step_<updates>/{state.pt, COMPLETE}
+fixed (`env_steps` attribute of each file). The run directory is laid out as in
+runners/base.py; its `run.json` also lists the datasets (path, episodes, env steps, ...)
+and the split sizes.
 
 Resuming: the replay and validation buffers are rebuilt from the files (same split, same
 order, so the same ring layout), and the checkpoint restores the agent, the samplers'
@@ -29,7 +21,6 @@ run refuses to resume when a file changed.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -40,19 +31,14 @@ from typing import Any
 import gin
 import numpy as np
 import torch
-from tensordict import TensorDict
 
 from components.replay.hdf5 import DatasetError, HDF5EpisodeDataset, load_into
-from rlcore.checkpointing import CheckpointError, Checkpointer
-from rlcore.logging import MetricLogger
-from rlcore.seeding import rng_state, seed_everything, set_rng_state
 from rlcore.types import EnvSpec
-from runners.common import CONFIG_FILE, RunError, select_device
-from runners.pipelines import _run_episodes, check_run_dir
+from runners.base import RunnerBase
+from runners.common import RunError
+from runners.rollouts import EVAL_SEED_OFFSET
 
 _log = logging.getLogger("runners")
-
-EVAL_SEED_OFFSET = 100_000  # evaluation envs and noise use seed + this (as OnlineRunner)
 
 
 def _sampler_state(buffer: Any) -> dict[str, Any]:
@@ -79,7 +65,7 @@ def _fingerprint(dataset: HDF5EpisodeDataset) -> dict[str, Any]:
 
 
 @gin.configurable
-class OfflineRunner:
+class OfflineRunner(RunnerBase):
     """Offline TD-MPC2 training from HDF5 episode datasets, with validation and evaluation.
 
     Args:
@@ -110,6 +96,10 @@ class OfflineRunner:
         progress: show a progress bar (over updates).
     """
 
+    SOURCE = "dataset"
+    COUNTERS = ("last_eval", "last_validation", "next_eval", "next_validation",
+                "next_checkpoint")
+
     def __init__(self, run_dir: str, *, datasets: Sequence[str], agent: Callable[..., Any],
                  replay: Callable[..., Any], env: Callable[..., Any] | None = None,
                  seed: int = 1, total_updates: int = 100_000,
@@ -137,17 +127,11 @@ class OfflineRunner:
         if not datasets:
             raise RunError("no datasets to train on: pass --dataset=FILE.h5 (repeatable) or "
                            "bind OfflineRunner.datasets = ['FILE.h5']")
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.run_dir = Path(run_dir)
-        self.seed, self.total_updates = seed, total_updates
-        self.validation_every, self.validation_batches = validation_every, validation_batches
+        super().__init__(run_dir, seed, device, num_threads, progress, log_every,
+                         validation_batches, eval_policy_prior)
+        self.total_updates, self.validation_every = total_updates, validation_every
         self.eval_every, self.eval_episodes = eval_every, eval_episodes
-        self.eval_policy_prior = eval_policy_prior
-        self.checkpoint_every, self.log_every = checkpoint_every, log_every
-        self.chunk_episodes, self.progress = chunk_episodes, progress
-        self.device = select_device(device)
-        seed_everything(seed)
+        self.checkpoint_every, self.chunk_episodes = checkpoint_every, chunk_episodes
 
         # Open every file (schema checks only; the data streams in at `run`) and derive
         # the spec. Everything is built before anything is written.
@@ -181,20 +165,14 @@ class OfflineRunner:
         self.validation = (replay(self.spec, seed=seed + 1, device=self.device,
                                   capacity=val_rows)
                            if val_rows and validation_batches else None)
-        self.operative_config = gin.operative_config_str()
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=keep_checkpoints)
-        check_run_dir(self.run_dir, self.operative_config)
+        self._open_run_dir(keep_checkpoints)
 
         # Counters (in updates).
         self.last_eval = -1
         self.last_validation = -1
-        self.next_eval = eval_every if eval_every else math.inf
-        self.next_validation = validation_every if validation_every else math.inf
-        self.next_checkpoint = checkpoint_every if checkpoint_every else math.inf
-
-    @property
-    def num_updates(self) -> int:
-        return self.agent.num_updates
+        self.next_eval = eval_every or math.inf
+        self.next_validation = validation_every or math.inf
+        self.next_checkpoint = checkpoint_every or math.inf
 
     # -- data -------------------------------------------------------------------------
     def _check_tasks(self) -> None:
@@ -290,35 +268,18 @@ class OfflineRunner:
                   time.perf_counter() - t0)
 
     # -- run directory and checkpoints ------------------------------------------------
-    def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = self.run_dir / CONFIG_FILE
-        if not cfg.exists():
-            tmp = cfg.with_suffix(".tmp")
-            tmp.write_text(self.operative_config)
-            tmp.replace(cfg)
-        meta = {"spec": self.spec.to_dict(), "seed": self.seed, "device": str(self.device),
-                "torch": torch.__version__, "step_unit": "updates",
+    def _run_meta(self) -> dict[str, Any]:
+        return {"step_unit": "updates",
                 "datasets": [{**fp, "framework_version": d.info.framework_version}
                              for fp, d in zip(self.fingerprints, self.datasets)],
                 "split": {"train_episodes": int(sum(len(i) for i in self.train_indices)),
                           "validation_episodes": int(sum(len(i) for i in self.val_indices))}}
-        tmp = self.run_dir / "run.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        tmp.replace(self.run_dir / "run.json")
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "agent": self.agent.state_dict(),
-            "sampler": {"replay": _sampler_state(self.replay),
-                        "validation": (_sampler_state(self.validation)
-                                       if self.validation is not None else {})},
-            "counters": {"last_eval": self.last_eval, "last_validation": self.last_validation,
-                         "next_eval": self.next_eval, "next_validation": self.next_validation,
-                         "next_checkpoint": self.next_checkpoint},
-            "datasets": self.fingerprints,
-            "rng": rng_state(),
-        }
+    def _data_state(self) -> dict[str, Any]:
+        return {"sampler": {"replay": _sampler_state(self.replay),
+                            "validation": (_sampler_state(self.validation)
+                                           if self.validation is not None else {})},
+                "datasets": self.fingerprints}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = [{k: v for k, v in fp.items() if k != "path"} for fp in state["datasets"]]
@@ -329,54 +290,20 @@ class OfflineRunner:
                 f"the datasets changed since the checkpoint in {self.checkpointer.directory} "
                 f"was written ({', '.join(changed) or 'a different number of files'}); resume "
                 "with the original files, or start a new --run_dir")
-        self.agent.load_state_dict(state["agent"])
+        super().load_state_dict(state)
+
+    def _load_data_state(self, state: dict[str, Any]) -> None:
         _load_sampler_state(self.replay, state["sampler"]["replay"])
         if self.validation is not None:
             _load_sampler_state(self.validation, state["sampler"]["validation"])
-        for name, value in state["counters"].items():
-            setattr(self, name, value)
-        set_rng_state(state["rng"])
-
-    def _maybe_resume(self) -> None:
-        if self.checkpointer.latest() is None:
-            return
-        try:
-            state = self.checkpointer.load()
-        except CheckpointError as e:
-            raise RunError(str(e)) from None
-        self.load_state_dict(state)
-        _log.info("resumed %s from update %d", self.run_dir, self.num_updates)
-
-    def save(self) -> None:
-        self.checkpointer.save(self.num_updates, self.state_dict())
 
     # -- phases -----------------------------------------------------------------------
-    def _log_update(self, metrics: TensorDict) -> None:
-        values = dict(metrics.items())
-        bad = [k for k, v in values.items() if k.startswith("loss_") and not torch.isfinite(v)]
-        if bad:
-            raise RunError(
-                f"non-finite loss at update {self.num_updates}: {', '.join(bad)}. The last "
-                f"checkpoint in {self.checkpointer.directory} is intact; lower the learning "
-                "rate or check the dataset's rewards/observations, then resume.")
-        step = self.num_updates
-        self.logger.scalars("loss", {k: v for k, v in values.items() if k.startswith("loss_")},
-                            step)
-        self.logger.scalars("train", {k.split("/", 1)[1]: v for k, v in values.items()
-                                      if k.startswith("stats/")}, step)
-        self.logger.scalars("grad", {k.split("/", 1)[1]: v for k, v in values.items()
-                                     if k.startswith("grad/")}, step)
-
     def validate(self) -> dict[str, float]:
         """Every loss on held-out episodes, without gradients or training-state changes."""
         self.last_validation = self.num_updates
         if self.validation is None or not self.validation_batches:
             return {}
-        terms = [self.agent.validate(self.validation.sample())
-                 for _ in range(self.validation_batches)]
-        mean = {k: torch.stack([t[k] for t in terms]).mean() for k in terms[0].keys()}
-        self.logger.scalars("validation", mean, self.num_updates)
-        return {k: float(v) for k, v in mean.items()}
+        return self._validation_pass("validation", self.validation)
 
     def _make_eval_env(self):
         return self._env_factory(num_envs=self.eval_episodes,
@@ -393,37 +320,20 @@ class OfflineRunner:
         self.last_eval = self.num_updates
         if self._env_factory is None:
             return {}
-        results: dict[str, float] = {}
-        modes = [("reward", True)] + ([("reward_policy", False)] if self.eval_policy_prior else [])
         env = self._make_eval_env()
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.seed + EVAL_SEED_OFFSET)
-                for name, use_planner in modes:
-                    returns, lengths, _ = _run_episodes(env, self.agent, use_planner)
-                    results[name] = float(np.mean(returns))
-                    if name == "reward":
-                        results["reward_std"] = float(np.std(returns))
-                        results["episode_length"] = float(np.mean(lengths))
+                return self._evaluate_in(env)[0]
         finally:
             env.close()
-        self.logger.eval(self.num_updates, results["reward"],
-                         **{k: v for k, v in results.items() if k != "reward"})
-        _log.info("eval at update %d: %s", self.num_updates,
-                  ", ".join(f"{k}={v:.1f}" for k, v in results.items()))
-        return results
 
     # -- the schedule -----------------------------------------------------------------
     def run(self) -> None:
         self._load_data()
-        self._maybe_resume()
-        self._write_run_files()
-        self.logger = MetricLogger(self.run_dir, total_steps=self.total_updates, seed=self.seed,
-                                   progress=self.progress, resume_step=self.num_updates)
-        if self.num_updates == 0:
-            self.logger.config(self.operative_config)
-        update_time, last_time, last_updates = 0.0, time.perf_counter(), self.num_updates
+        self._begin(self.total_updates)
+        update_time = 0.0
         while self.num_updates < self.total_updates:
             t0 = time.perf_counter()
             metrics = self.agent.update(self.replay.sample(), "full")
@@ -439,13 +349,7 @@ class OfflineRunner:
             if self.num_updates >= self.next_checkpoint:
                 self.save()
                 self.next_checkpoint += self.checkpoint_every
-            self.logger.advance(self.num_updates)
-            if time.perf_counter() - last_time > 30:
-                now = time.perf_counter()
-                self.logger.scalars("time", {"update": update_time, "updates_per_second":
-                                             (self.num_updates - last_updates) / (now - last_time)},
-                                    self.num_updates)
-                last_time, last_updates = now, self.num_updates
+            self._advance("updates_per_second", {"update": update_time})
         if self.validation is not None and self.last_validation < self.num_updates:
             self.validate()
         if self._env_factory is not None and self.last_eval < self.num_updates:

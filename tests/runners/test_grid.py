@@ -26,7 +26,9 @@ from pathlib import Path
 import pytest
 
 from runners import grid as grid_main
-from runners import grid_lib, plot
+from runners import grid_local, grid_run, grid_spec, plot
+from runners.grid_ray import RayExecutor
+from runners.grid_slurm import SlurmExecutor
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "gin/grids/tiny.gin"
@@ -64,8 +66,8 @@ def _free_port() -> int:
 
 
 def _assert_finished(cell_dir: Path, steps: int = 2000) -> None:
-    assert (cell_dir / grid_lib.DONE_FILE).exists(), (cell_dir / "grid.log").read_text()[-2000:]
-    assert grid_lib.cell_status(cell_dir, steps)[0] == "finished"
+    assert (cell_dir / grid_spec.DONE_FILE).exists(), (cell_dir / "grid.log").read_text()[-2000:]
+    assert grid_spec.cell_status(cell_dir, steps)[0] == "finished"
     assert _eval_steps(cell_dir)[-1] == steps
 
 
@@ -73,7 +75,7 @@ def _assert_finished(cell_dir: Path, steps: int = 2000) -> None:
 # Expansion, naming, validation (in-process, no runs)
 # --------------------------------------------------------------------------------------
 def test_cells_are_named_from_the_axes(tmp_path):
-    grid = grid_lib.Grid(
+    grid = grid_spec.Grid(
         base_files=["gin/tdmpc2_dog.gin"], seeds=[1, 2], name="g", root=str(tmp_path),
         axes={"planner": ["gin/ablations/planner/mppi.gin", "gin/ablations/planner/cem.gin"],
               "horizon": ["HORIZON = 3", "HORIZON = 5"],
@@ -101,20 +103,20 @@ def test_cells_are_named_from_the_axes(tmp_path):
 
 
 def test_axis_errors_are_clear(tmp_path):
-    g = grid_lib.Grid(base_files=["gin/tdmpc2_dog.gin"], root=str(tmp_path),
+    g = grid_spec.Grid(base_files=["gin/tdmpc2_dog.gin"], root=str(tmp_path),
                       axes={"p": ["gin/a/cem.gin", "gin/b/cem.gin"]})
-    with pytest.raises(grid_lib.GridError, match="both labelled 'cem'.*dict"):
+    with pytest.raises(grid_spec.GridError, match="both labelled 'cem'.*dict"):
         g.cells()
-    with pytest.raises(grid_lib.GridError, match="axis 'p'"):
-        grid_lib.Grid(base_files=["x.gin"], axes={"p": []}).cells()
-    with pytest.raises(grid_lib.GridError, match="seeds"):
-        grid_lib.Grid(base_files=["x.gin"], seeds=[1, 1])
-    with pytest.raises(grid_lib.GridError, match="base files"):
-        grid_lib.Grid(axes={"p": ["A = 1"]})
+    with pytest.raises(grid_spec.GridError, match="axis 'p'"):
+        grid_spec.Grid(base_files=["x.gin"], axes={"p": []}).cells()
+    with pytest.raises(grid_spec.GridError, match="seeds"):
+        grid_spec.Grid(base_files=["x.gin"], seeds=[1, 1])
+    with pytest.raises(grid_spec.GridError, match="base files"):
+        grid_spec.Grid(axes={"p": ["A = 1"]})
 
 
 def test_command_line_bindings_are_routed():
-    grid_level, cell_level = grid_lib.split_params([
+    grid_level, cell_level = grid_spec.split_params([
         "grid.seeds = [1]", "LocalExecutor.max_workers = 2", "scope/grid.name = 'x'",
         "OnlineRunner.total_env_steps = 10", "TASK = 'cup-catch'"])
     assert grid_level == ["grid.seeds = [1]", "LocalExecutor.max_workers = 2",
@@ -125,7 +127,7 @@ def test_command_line_bindings_are_routed():
 @pytest.mark.parametrize("name,count", [("aux_heads", 6), ("planner", 6), ("resets", 9),
                                         ("tiny", 4)])
 def test_shipped_grids_validate(name, count, tmp_path):
-    grid, extra = grid_lib.load_grid([f"gin/grids/{name}.gin"], [f"grid.root = '{tmp_path}'"])
+    grid, extra = grid_run.load_grid([f"gin/grids/{name}.gin"], [f"grid.root = '{tmp_path}'"])
     planned = grid.validate(grid.cells(extra))
     assert len(planned) == count and {p.status for p in planned} == {"new"}
     assert len({p.cell.run_dir for p in planned}) == count
@@ -185,20 +187,20 @@ def test_unreachable_ray_address_is_one_clear_error(tmp_path, capsys):
 
 
 def test_executor_from_binding_or_flag(monkeypatch):
-    grid, _ = grid_lib.load_grid([TINY], ["grid.executor = @RayExecutor()",
+    grid, _ = grid_run.load_grid([TINY], ["grid.executor = @RayExecutor()",
                                           "RayExecutor.address = '10.0.0.1:6379'"])
-    ex = grid_lib.make_executor(grid)
-    assert isinstance(ex, grid_lib.RayExecutor) and ex.address == "10.0.0.1:6379"
-    ex = grid_lib.make_executor(grid, None, max_workers=3, threads_per_job=None)
-    assert (type(ex), ex.address, ex.max_workers) == (grid_lib.RayExecutor, "10.0.0.1:6379", 3)
-    assert type(grid_lib.make_executor(grid, "slurm")) is grid_lib.SlurmExecutor
-    monkeypatch.setattr(grid_lib, "available_cpus", lambda: 8)
-    local = grid_lib.LocalExecutor
+    ex = grid_run.make_executor(grid)
+    assert isinstance(ex, RayExecutor) and ex.address == "10.0.0.1:6379"
+    ex = grid_run.make_executor(grid, None, max_workers=3, threads_per_job=None)
+    assert (type(ex), ex.address, ex.max_workers) == (RayExecutor, "10.0.0.1:6379", 3)
+    assert type(grid_run.make_executor(grid, "slurm")) is SlurmExecutor
+    monkeypatch.setattr(grid_local, "available_cpus", lambda: 8)
+    local = grid_local.LocalExecutor
     assert local().resources(4) == (4, 2)       # sized to the machine
     assert local().resources(20) == (8, 1)
     assert local(threads_per_job=4).resources(20) == (2, 4)
     assert local(max_workers=2).resources(20) == (2, 4)
-    with pytest.raises(grid_lib.GridError, match="max_workers must be a positive integer"):
+    with pytest.raises(grid_spec.GridError, match="max_workers must be a positive integer"):
         local(max_workers=0)
 
 
@@ -235,7 +237,7 @@ def test_local_grid_runs_cells_and_isolates_a_failure(local_grid):
     broken = gdir / "variant=broken" / "seed=1"
     log = broken / "grid.log"
     assert f"FAILED   variant=broken/seed=1 (exit code 2); log: {log}" in out
-    assert "utd_ratio" in log.read_text() and (broken / grid_lib.FAILED_FILE).exists()
+    assert "utd_ratio" in log.read_text() and (broken / grid_spec.FAILED_FILE).exists()
     assert "grid local: 2/3 cells finished (2 ran, 0 already finished), 1 failed" in out
     assert "failed: variant=broken/seed=1: error: " in out
     # the thread cap reached the runner (config) and its environment
@@ -260,10 +262,10 @@ def test_interrupted_cell_resumes_from_its_checkpoint(local_grid):
     """A run dir with a checkpoint but no final one (as a killed grid leaves it) resumes."""
     path, gdir, _, _ = local_grid
     cell = gdir / "variant=off" / "seed=1"
-    (cell / grid_lib.DONE_FILE).unlink()
+    (cell / grid_spec.DONE_FILE).unlink()
     final = max((cell / "checkpoints").glob("step_*"))
     shutil.rmtree(final)
-    assert grid_lib.cell_status(cell, 2000) == ("interrupted", "resumes from step 1000")
+    assert grid_spec.cell_status(cell, 2000) == ("interrupted", "resumes from step 1000")
     only_off = "--gin_param=grid.axes = {'variant': {'off': 'gin/ablations/aux/off.gin'}}"
     dry = _run_grid(f"--gin_file={path}", only_off, "--dry_run")
     assert dry.returncode == 0 and "interrupted variant=off/seed=1" in dry.stdout
