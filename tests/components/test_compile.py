@@ -20,12 +20,12 @@ SPEC = EnvSpec(obs_shape=(5,), action_dim=2, episode_length=500, num_envs=3)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _agent(device, **kwargs):
+def _agent(device, num_q=2, **kwargs):
     from components.agent import TDMPC2Agent
     from components.losses import PolicyLoss, WorldModelLoss
     from tests.conftest import tiny_planner_factory, tiny_world_model_factory
 
-    return TDMPC2Agent(SPEC, device, world_model=tiny_world_model_factory(num_q=2),
+    return TDMPC2Agent(SPEC, device, world_model=tiny_world_model_factory(num_q=num_q),
                        planner=tiny_planner_factory("mppi", num_samples=64, num_elites=8),
                        model_loss=WorldModelLoss, policy_loss=PolicyLoss, **kwargs)
 
@@ -187,3 +187,26 @@ def test_cuda_graphs_need_cuda_and_compile():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="compile = True"):
             _agent("cuda", cuda_graphs=True)
+
+
+def test_planning_and_update_losses_trace_without_graph_breaks():
+    """The compiled pieces (the planner's whole search, the update's model-side and policy
+    losses) each trace as one graph: a graph break would split them and run the rest
+    eagerly. Five Q members, so the member draw is traced too."""
+    import torch._dynamo
+
+    from tests.components.test_agent import make_batch
+
+    agent = _agent("cpu", num_q=5)
+    z = agent.model.encode(torch.randn(SPEC.num_envs, 5))
+    mean = torch.zeros(SPEC.num_envs, agent.planner.horizon, SPEC.action_dim)
+    with torch.no_grad():
+        found = torch._dynamo.explain(agent.planner._search)(z, mean, False)
+    assert (found.graph_count, found.graph_break_count) == (1, 0), found.break_reasons
+    obs, action, reward, terminated = agent._unpack(make_batch(seed=0))
+    agent.model.train()
+    found = torch._dynamo.explain(agent._model_forward)(obs, action, reward, terminated, "full")
+    assert (found.graph_count, found.graph_break_count) == (1, 0), found.break_reasons
+    zs, _ = agent._model_forward(obs, action, reward, terminated, "full")
+    found = torch._dynamo.explain(agent._policy_forward)(zs)
+    assert (found.graph_count, found.graph_break_count) == (1, 0), found.break_reasons
