@@ -106,15 +106,19 @@ class MetricLogger:
 
         # TensorBoard. purge_step hides points a crashed run wrote after its checkpoint;
         # TensorBoard purges steps >= purge_step, and points *at* the checkpoint step were
-        # logged before it was saved, so purge from resume_step + 1 (as eval.csv does).
+        # logged before it was saved, so purge from resume_step + 1 (as eval.csv does). A
+        # restart from 0 over earlier events (an attempt that crashed before its first
+        # checkpoint) purges all of them.
         self._writer = None
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(
-                log_dir=str(self.run_dir / TB_DIR),
-                purge_step=resume_step + 1 if resume_step > 0 else None,
-            )
+            tb_dir = self.run_dir / TB_DIR
+            if resume_step > 0:
+                purge_step: int | None = resume_step + 1
+            else:
+                purge_step = 0 if any(tb_dir.glob("events.out.tfevents.*")) else None
+            self._writer = SummaryWriter(log_dir=str(tb_dir), purge_step=purge_step)
 
         # eval.csv: truncate to the resume step, then append.
         self._csv_path = self.run_dir / EVAL_CSV

@@ -105,3 +105,16 @@ def test_advance_console_line(tmp_path, caplog):
             logger.advance(100)
     messages = [record.getMessage() for record in caplog.records]
     assert any("step 100/1000" in m and "return 5.0" in m for m in messages)
+
+
+def test_restart_from_zero_purges_the_earlier_attempt(tmp_path):
+    """A run restarted from step 0 (no complete checkpoint) hides every earlier point, also
+    those of tags the new attempt has not written (yet)."""
+    with MetricLogger(tmp_path, progress=False) as logger:
+        for step in (10, 20, 30):
+            logger.scalars("train", {"x": float(step)}, step)
+    with MetricLogger(tmp_path, progress=False, resume_step=0) as logger:
+        logger.scalars("train", {"y": 1.0}, 10)
+    tags = _events(tmp_path).Tags()["scalars"]
+    assert "train/x" not in tags or not _events(tmp_path).Scalars("train/x")
+    assert [(e.step, e.value) for e in _events(tmp_path).Scalars("train/y")] == [(10, 1.0)]
