@@ -8,11 +8,14 @@ user input end the process with one clear message and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -27,6 +30,44 @@ _log = logging.getLogger("runners")
 
 class RunError(RuntimeError):
     """A problem with a run (directory, checkpoint, training) that the user must fix."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped by a signal after writing a checkpoint; `exit_code` is 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR2")  # SIGUSR2: submitit's requeue signal
+
+
+@contextlib.contextmanager
+def stop_on_signals(runner) -> Iterator[None]:
+    """While running, SIGINT/SIGTERM/SIGUSR2 set `runner.stop_signal`; the runner finishes
+    its step, checkpoints and raises RunInterrupted. A second signal stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if runner.stop_signal is not None:  # asked twice: stop now
+            raise SystemExit(128 + signum)
+        runner.stop_signal = signum
+        _log.info("got %s: stopping after this step, with a checkpoint",
+                  signal.Signals(signum).name)
+
+    previous = {}
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
@@ -74,9 +115,20 @@ def build_and_run(runner_cls: Callable[[str], object], run_dir: str | None, pref
     try:
         runner = runner_cls(run_dir)
     except (ValueError, TypeError) as e:  # bad values reach components as they are built
-        raise ConfigError(f"could not build the run: {e}") from None
-    runner.run()
+        raise ConfigError(f"could not build the run: {strip_gin_context(str(e))}") from None
+    try:
+        with stop_on_signals(runner):
+            runner.run()
+    except RunInterrupted as e:
+        sys.stderr.write(f"{e}\n")
+        return e.exit_code
     return 0
+
+
+def strip_gin_context(message: str) -> str:
+    """Drop the `  In call to configurable 'X' (<class ...>)` lines gin appends."""
+    return "\n".join(ln for ln in message.splitlines()
+                     if not ln.strip().startswith("In call to configurable")).rstrip()
 
 
 def list_components() -> str:
@@ -133,5 +185,8 @@ def main(argv: Sequence[str] | None, description: str, run: Callable[[argparse.N
         load_gin(config_files_for(args.run_dir, args.gin_file), args.gin_param, finalize=False)
         return run(args)
     except (ConfigError, RunError) as e:
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {strip_gin_context(str(e))}\n")
         return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted before the run started\n")
+        return 130

@@ -332,11 +332,13 @@ class OfflineRunner(RunnerBase):
     # -- the schedule -----------------------------------------------------------------
     def run(self) -> None:
         self._load_data()
-        self._begin(self.total_updates)
+        if not self._begin(self.total_updates):
+            return
         update_time = 0.0
         while self.num_updates < self.total_updates:
             t0 = time.perf_counter()
             metrics = self.agent.update(self.replay.sample(), "full")
+            self._note_update(metrics)
             update_time += time.perf_counter() - t0
             if self.num_updates % self.log_every == 0:
                 self._log_update(metrics)
@@ -350,6 +352,7 @@ class OfflineRunner(RunnerBase):
                 self.save()
                 self.next_checkpoint += self.checkpoint_every
             self._advance("updates_per_second", {"update": update_time})
+            self._check_stop()
         if self.validation is not None and self.last_validation < self.num_updates:
             self.validate()
         if self._env_factory is not None and self.last_eval < self.num_updates:

@@ -25,6 +25,14 @@ from runners.rollouts import EVAL_SEED_OFFSET, EpisodeBuilder, record_videos
 
 _log = logging.getLogger("runners")
 
+RESUME_SEED_STRIDE = 1_000_003  # a prime: resumed envs are seeded apart from all others
+
+
+def train_env_seed(seed: int, env_step: int) -> int:
+    """The training envs' seed: the run's seed for a fresh run; a resumed run's envs are
+    seeded from the resume point, so every resume meets new start states."""
+    return (seed + RESUME_SEED_STRIDE * env_step) % (2**31 - 2**16)
+
 
 @gin.configurable
 class OnlineRunner(RunnerBase):
@@ -61,7 +69,7 @@ class OnlineRunner(RunnerBase):
             (format in components/replay/hdf5.py); None: no export.
     """
 
-    STEP_NAME, SOURCE = "env step", "env"
+    STEP_NAME, SOURCE, ENTRY = "env step", "env", "runners.online"
     COUNTERS = ("env_step", "agent_steps", "pretrained", "update_credit", "last_eval_step",
                 "next_eval", "next_checkpoint")
 
@@ -165,6 +173,13 @@ class OnlineRunner(RunnerBase):
                 "validation": {k: b.state_dict() for k, b in self.validation.items()
                                if b is not None}}
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        env_step = int(state["counters"].get("env_step", 0))
+        if env_step > 0:  # new start states: not those the run began with
+            self.env.close()
+            self.env = self.env_factory(seed=train_env_seed(self.seed, env_step))
+        super().load_state_dict(state)
+
     def _load_data_state(self, state: dict[str, Any]) -> None:
         self.replay.load_state_dict(state["replay"])
         if state.get("env") and hasattr(self.env, "load_state_dict"):
@@ -224,6 +239,7 @@ class OnlineRunner(RunnerBase):
                 batch = self.replay.sample()
                 t1 = time.perf_counter()
                 metrics = self.agent.update(batch, pathway)
+                self._note_update(metrics)
                 t2 = time.perf_counter()
                 if self.num_updates % self.log_every == 0:
                     self._log_update(metrics)
@@ -281,7 +297,8 @@ class OnlineRunner(RunnerBase):
 
     # -- the schedule -----------------------------------------------------------------
     def run(self) -> None:
-        self._begin(self.total_env_steps)
+        if not self._begin(self.total_env_steps):
+            return
         timers = self.timers
         builder = EpisodeBuilder(self.spec.num_envs)
         td = self.env.reset()
@@ -303,6 +320,7 @@ class OnlineRunner(RunnerBase):
                 self.save()
             t2 = time.perf_counter()
             self._advance("env_steps_per_second", timers)
+            self._check_stop()
             timers["eval"] += t1 - t0
             timers["checkpoint"] += t2 - t1
             timers["log"] += time.perf_counter() - t2

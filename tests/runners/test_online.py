@@ -155,3 +155,102 @@ def test_killed_run_resumes(tmp_path):
     assert sorted(ckpt_dir.glob("step_*"))[-1].name.endswith("4000")
     # the schedule carries on from the checkpoint: no extra checkpoint right after resuming
     assert all(int(p.name.split("_")[1]) % 400 == 0 for p in ckpt_dir.glob("step_*"))
+
+
+def _state(d: Path) -> dict[str, tuple[str, int]]:
+    return {str(p.relative_to(d)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                    p.stat().st_mtime_ns)
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_finished_run_is_a_no_op(finished_run):
+    """Re-running a finished run says so, with its last evaluation, and writes nothing."""
+    run_dir, _ = finished_run
+    before = _state(run_dir)
+    proc = _run(run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is finished (env step 1200 of 1200)" in proc.stderr
+    assert "last evaluation at env step 1200: return" in proc.stderr
+    assert _state(run_dir) == before
+
+
+def test_restart_without_checkpoint_says_so_and_purges(finished_run, tmp_path):
+    """A run dir without a complete checkpoint restarts from 0, says so in one line, and
+    leaves no duplicate eval.csv rows."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished_run[0], run_dir)
+    shutil.rmtree(run_dir / "checkpoints")
+    proc = _run(run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "holds no complete checkpoint: starting from env step 0" in proc.stderr
+    rows = (run_dir / "eval.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["1200"]
+
+
+def test_resume_meets_new_start_states(finished_run, tmp_path):
+    """The envs of a resumed run are seeded from the resume point, not with the run's seed
+    (which would replay the run's first start states after every resume)."""
+    import shutil
+
+    import gin
+
+    from rlcore.config import load_gin
+    from rlcore.types import OBS
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished_run[0], run_dir)
+    load_gin([str(run_dir / "config.gin")], [], finalize=False)
+    try:
+        from runners.pipelines import OnlineRunner
+
+        runner = OnlineRunner(str(run_dir))
+        runner._maybe_resume()
+        assert runner.env_step == 1200
+        resumed = runner.env.reset()[OBS]
+        runner.env.close()
+        first = runner.env_factory(seed=runner.seed).reset()[OBS]  # the run's first starts
+        assert not torch_allclose(first, resumed)
+    finally:
+        gin.clear_config()
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.allclose(a, b))
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130),
+                                       (signal.SIGUSR2, 140)])
+def test_signal_checkpoints_and_exits(tmp_path, sig, code):
+    """SIGTERM/SIGINT/SIGUSR2: finish the step, checkpoint, one line on how to resume, exit
+    128 + signal; the same command then resumes from that checkpoint."""
+    run_dir = tmp_path / "run"
+    extra = ["--gin_param=OnlineRunner.total_env_steps = 100_000",
+             "--gin_param=OnlineRunner.checkpoint_every = 500",
+             "--gin_param=OnlineRunner.eval_every = 0",
+             "--gin_param=OnlineRunner.eval_episodes = 0"]
+    env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as f:
+        proc = subprocess.Popen(_cmd(run_dir, *extra), cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=f)
+        ckpt_dir = run_dir / "checkpoints"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (
+                ckpt_dir.exists() and any((p / "COMPLETE").exists()
+                                          for p in ckpt_dir.glob("step_*"))):
+            time.sleep(0.1)
+        os.kill(proc.pid, sig)
+        rc = proc.wait(timeout=120)
+    stderr = err.read_text()
+    assert rc == code, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = sorted(p for p in ckpt_dir.glob("step_*") if (p / "COMPLETE").exists())[-1]
+    step = int(last.name.split("_")[1])
+    line = [ln for ln in stderr.splitlines() if ln.startswith("stopped by")]
+    assert len(line) == 1 and line[0].startswith(f"stopped by {sig.name} at env step {step} ")
+    assert f"checkpoint written to {last};" in line[0]
+    assert f"resume with: python -m runners.online --run_dir={run_dir}" in line[0]
