@@ -261,8 +261,9 @@ class RunnerBase:
                     f"{self.checkpointer.directory} is intact" if steps
                     else "no checkpoint was written")
             raise RunError(
-                f"non-finite loss at update {self.num_updates} ({self._position()}): "
-                f"{', '.join(bad)}. The run diverged; {last}. Lower the learning rate "
+                f"non-finite loss at update {self.num_updates}"
+                + ("" if self.STEP_NAME == "update" else f" ({self.STEP_NAME} {self.step})")
+                + f": {', '.join(bad)}. The run diverged; {last}. Lower the learning rate "
                 f"(e.g. TDMPC2Agent.lr) or check the {self.SOURCE}'s rewards/observations, "
                 "then resume or start a new --run_dir.")
 

@@ -18,6 +18,7 @@ import gin
 import torch
 from tensordict import TensorDict
 
+from rlcore import checks
 from rlcore.types import DONE, EPISODE, NEXT_EPISODE, NEXT_OBS, OBS, REWARD, EnvSpec
 from runners.base import RunnerBase
 from runners.common import RunError
@@ -53,7 +54,8 @@ class OnlineRunner(RunnerBase):
         eval_every: env steps between evaluations (0 disables periodic evaluation).
         eval_episodes: episodes per evaluation (run as parallel eval envs).
         eval_policy_prior: also evaluate the policy prior alone.
-        checkpoint_every: env steps between checkpoints (one is always written at the end).
+        checkpoint_every: env steps between checkpoints (0: none but the one always
+            written at the end, and at a stop signal).
         log_every: updates between logged update metrics.
         device: `auto` (CUDA when present), `cpu`, `cuda`, ...
         num_threads: torch CPU threads (None leaves torch's default).
@@ -85,18 +87,38 @@ class OnlineRunner(RunnerBase):
                  validation_batches: int = 0, validation_capacity: int = 100_000,
                  eval_videos: int = 0, video_size: int = 256,
                  export_dataset: str | None = None):
+        o = "OnlineRunner"
+        seed = checks.integer(o, "seed", seed)
+        total_env_steps = checks.integer(o, "total_env_steps", total_env_steps, at_least=1)
+        if seed_steps is not None:
+            seed_steps = checks.integer(o, "seed_steps", seed_steps, at_least=0)
+        if pretrain_updates is not None:
+            pretrain_updates = checks.integer(o, "pretrain_updates", pretrain_updates,
+                                              at_least=0)
+        utd_ratio = checks.number(o, "utd_ratio", utd_ratio, low=0)
+        policy_updates = checks.number(o, "policy_updates", policy_updates, low=0)
+        actor_critic_updates = checks.number(o, "actor_critic_updates", actor_critic_updates,
+                                             low=0)
+        eval_every = checks.integer(o, "eval_every", eval_every, at_least=0)
+        eval_episodes = checks.integer(o, "eval_episodes", eval_episodes, at_least=0)
+        if eval_every > 0 and eval_episodes < 1:
+            raise ValueError(f"OnlineRunner.eval_episodes must be >= 1 while evaluation is on "
+                             f"(OnlineRunner.eval_every = {eval_every}), got {eval_episodes}; "
+                             "fix the binding OnlineRunner.eval_episodes, or set "
+                             "OnlineRunner.eval_every = 0 to turn evaluation off")
+        checkpoint_every = checks.integer(o, "checkpoint_every", checkpoint_every, at_least=0)
+        keep_checkpoints = checks.integer(o, "keep_checkpoints", keep_checkpoints, at_least=1)
+        log_every = checks.integer(o, "log_every", log_every, at_least=1)
+        if num_threads is not None:
+            num_threads = checks.integer(o, "num_threads", num_threads, at_least=1)
+        validation_batches = checks.integer(o, "validation_batches", validation_batches,
+                                            at_least=0)
+        validation_capacity = checks.integer(o, "validation_capacity", validation_capacity,
+                                             at_least=1)
+        eval_videos = checks.integer(o, "eval_videos", eval_videos, at_least=0)
+        video_size = checks.integer(o, "video_size", video_size, at_least=1)
         self.schedule = {"full": utd_ratio, "actor_critic": actor_critic_updates,
                          "policy": policy_updates}
-        for name, count in self.schedule.items():
-            if not count >= 0:
-                raise RunError(f"update counts must be >= 0 per agent step, got {name} = "
-                               f"{count}; fix OnlineRunner.utd_ratio / policy_updates / "
-                               "actor_critic_updates")
-        if validation_batches < 0:
-            raise RunError(f"OnlineRunner.validation_batches must be >= 0, got "
-                           f"{validation_batches}")
-        if total_env_steps <= 0:
-            raise RunError(f"OnlineRunner.total_env_steps must be > 0, got {total_env_steps}")
         super().__init__(run_dir, seed, device, num_threads, progress, log_every,
                          validation_batches, eval_policy_prior)
         self.total_env_steps = total_env_steps
@@ -112,9 +134,6 @@ class OnlineRunner(RunnerBase):
         self.replay = replay(self.spec, seed=seed, device=self.device)
         self.seed_steps = seed_steps if seed_steps is not None else max(
             1000, 5 * self.spec.episode_length)
-        if pretrain_updates is not None and pretrain_updates < 0:
-            raise RunError(f"OnlineRunner.pretrain_updates must be >= 0 (or None), got "
-                           f"{pretrain_updates}")
         self.pretrain_updates = self.seed_steps if pretrain_updates is None else pretrain_updates
         self.eval_env = env(num_envs=eval_episodes, seed=seed + EVAL_SEED_OFFSET) \
             if eval_every or eval_episodes else None

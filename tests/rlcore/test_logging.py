@@ -17,6 +17,15 @@ def _rows(path):
         return list(csv.reader(f))
 
 
+def _next_second() -> None:
+    """Event files are named `...tfevents.<second>.<host>.<pid>.<counter>` and read in name
+    order; two in one second of one process sort wrong once the counter passes 9 -> 10
+    (separate runs are separate processes and seconds)."""
+    import time
+
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
+
+
 def _events(run_dir) -> EventAccumulator:
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
@@ -87,6 +96,7 @@ def test_resume_purges_tensorboard(tmp_path):
     with MetricLogger(tmp_path, progress=False) as logger:
         for step in (10, 20, 30):
             logger.scalars("train", {"x": float(step)}, step)
+    _next_second()
     with MetricLogger(tmp_path, progress=False, resume_step=20) as logger:
         logger.scalars("train", {"x": -30.0}, 30)
     assert [(e.step, e.value) for e in _events(tmp_path).Scalars("train/x")] == [
@@ -113,6 +123,7 @@ def test_restart_from_zero_purges_the_earlier_attempt(tmp_path):
     with MetricLogger(tmp_path, progress=False) as logger:
         for step in (10, 20, 30):
             logger.scalars("train", {"x": float(step)}, step)
+    _next_second()
     with MetricLogger(tmp_path, progress=False, resume_step=0) as logger:
         logger.scalars("train", {"y": 1.0}, 10)
     tags = _events(tmp_path).Tags()["scalars"]

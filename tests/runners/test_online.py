@@ -254,3 +254,130 @@ def test_signal_checkpoints_and_exits(tmp_path, sig, code):
     assert len(line) == 1 and line[0].startswith(f"stopped by {sig.name} at env step {step} ")
     assert f"checkpoint written to {last};" in line[0]
     assert f"resume with: python -m runners.online --run_dir={run_dir}" in line[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Refusals: exit 2, one message naming the parameter and the fix, nothing written.
+# ---------------------------------------------------------------------------------------
+def _main(argv, capsys):
+    from runners import online
+
+    code = online.main(argv)
+    return code, capsys.readouterr().err
+
+
+def _error_lines(err: str) -> list[str]:
+    lines = err.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("error: "))
+    return lines[start:]
+
+
+@pytest.mark.parametrize("param, expected", [
+    ("OnlineRunner.total_env_steps = 'abc'",
+     "OnlineRunner.total_env_steps must be an integer >= 1, got 'abc'; fix the binding "
+     "OnlineRunner.total_env_steps"),
+    ("OnlineRunner.eval_episodes = 0",
+     "or set OnlineRunner.eval_every = 0 to turn evaluation off"),
+    ("OnlineRunner.checkpoint_every = -200",
+     "OnlineRunner.checkpoint_every must be an integer >= 0, got -200"),
+    ("OnlineRunner.utd_ratio = 'x'", "OnlineRunner.utd_ratio must be a finite number"),
+    ("OnlineRunner.seed_steps = 1.5", "OnlineRunner.seed_steps must be an integer >= 0"),
+    ("OnlineRunner.keep_checkpoints = 0", "OnlineRunner.keep_checkpoints must be an integer"),
+])
+def test_bad_runner_value_is_refused(tmp_path, capsys, param, expected):
+    run_dir = tmp_path / "run"
+    code, err = _main([*BASE, f"--gin_param={param}", f"--run_dir={run_dir}"], capsys)
+    assert code == 2, err[-2000:]
+    lines = _error_lines(err)
+    assert len(lines) == 1 and expected in lines[0], err[-2000:]
+    assert "In call to configurable" not in err and "Traceback" not in err
+    assert not run_dir.exists()
+
+
+def test_no_evaluation_with_zero_episodes_is_valid(tmp_path):
+    """eval_every = 0 with eval_episodes = 0 (the benchmark's bindings) turns evaluation off."""
+    import gin
+
+    from rlcore.config import load_gin
+
+    load_gin(["gin/tdmpc2_dog.gin", "gin/test/tiny.gin"],
+             ["TASK = 'cartpole-balance'", "OnlineRunner.eval_every = 0",
+              "OnlineRunner.eval_episodes = 0"], finalize=False)
+    try:
+        from runners.pipelines import OnlineRunner
+
+        runner = OnlineRunner(str(tmp_path / "run"))
+        assert runner.eval_env is None
+        runner.env.close()
+    finally:
+        gin.clear_config()
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_dir_that_is_a_file(tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    code, err = _main([*BASE, f"--run_dir={path}"], capsys)
+    assert code == 2
+    assert _error_lines(err) == [f"error: --run_dir {path} is a file, not a directory; pass "
+                                 "a new or an existing run directory"]
+    assert path.read_text() == "mine"
+
+
+def test_read_only_run_dir(tmp_path, capsys, monkeypatch):
+    import runners.base
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    real = os.access
+    monkeypatch.setattr(runners.base.os, "access",
+                        lambda p, mode, **kw: False if Path(p) == run_dir else real(p, mode))
+    code, err = _main([*BASE, f"--run_dir={run_dir}"], capsys)
+    assert code == 2
+    assert _error_lines(err) == [f"error: --run_dir {run_dir} is not writable (permission "
+                                 "denied); fix its permissions or choose another --run_dir"]
+    assert list(run_dir.iterdir()) == []
+
+
+def test_full_disk_while_checkpointing(tmp_path, capsys, monkeypatch):
+    """ENOSPC at the second checkpoint: one message (disk full, resumes from step 600), the
+    first checkpoint intact, no half-written folder left."""
+    import errno
+
+    from rlcore import checkpointing
+
+    run_dir = tmp_path / "run"
+    real = checkpointing._HashingWriter.write
+
+    def write(self, data):
+        if list((run_dir / "checkpoints").glob("step_*/COMPLETE")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(checkpointing._HashingWriter, "write", write)
+    code, err = _main([*BASE, f"--run_dir={run_dir}"], capsys)
+    assert code == 2, err[-3000:]
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "the disk is full (ENOSPC)" in lines[0]
+    assert "the run resumes from env step 600 (the last complete checkpoint)" in lines[0]
+    assert f"python -m runners.online --run_dir={run_dir}" in lines[0]
+    monkeypatch.undo()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000000000600"]
+    checkpointing.Checkpointer(run_dir / "checkpoints").verify()
+
+
+@pytest.mark.parametrize("log_every", [10, 100_000])
+def test_diverging_run_names_the_losses_and_writes_no_checkpoint(tmp_path, capsys, log_every):
+    """lr = 1e20: NaN losses are caught at the logging cadence or, at the latest, before a
+    checkpoint would save the diverged state."""
+    run_dir = tmp_path / "run"
+    code, err = _main([*BASE, "--gin_param=TDMPC2Agent.lr = 1e20",
+                       f"--gin_param=OnlineRunner.log_every = {log_every}",
+                       f"--run_dir={run_dir}"], capsys)
+    assert code == 2, err[-3000:]
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err
+    assert lines[0].startswith("error: non-finite loss at update ")
+    assert "loss_" in lines[0] and "no checkpoint was written" in lines[0]
+    assert not list(run_dir.glob("checkpoints/step_*"))
