@@ -311,3 +311,31 @@ def test_changed_dataset_is_refused_on_resume(dataset, tmp_path, capsys):
     code, err = _main([f"--run_dir={run_dir}"], capsys)
     assert code == 2 and "changed since the checkpoint" in err and str(copy) in err
     assert _snapshot(run_dir) == before
+
+
+def test_sigterm_checkpoints_and_exits(dataset, tmp_path):
+    """SIGTERM: finish the update, checkpoint, say how to resume, exit 143; then resume."""
+    run_dir = tmp_path / "run"
+    params = [*PARAMS, "OfflineRunner.total_updates = 100_000",
+              "OfflineRunner.checkpoint_every = 10", "OfflineRunner.eval_every = 0",
+              "OfflineRunner.eval_episodes = 0", "OfflineRunner.validation_every = 0"]
+    cmd = _offline_cmd(run_dir, f"--dataset={dataset}", params=params)
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=f)
+        ckpt_dir = run_dir / "checkpoints"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (
+                ckpt_dir.exists() and any((p / "COMPLETE").exists()
+                                          for p in ckpt_dir.glob("step_*"))):
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    stderr = err.read_text()
+    assert rc == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = sorted(p for p in ckpt_dir.glob("step_*") if (p / "COMPLETE").exists())[-1]
+    step = int(last.name.split("_")[1])
+    line = [ln for ln in stderr.splitlines() if ln.startswith("stopped by SIGTERM")]
+    assert len(line) == 1 and line[0].startswith(f"stopped by SIGTERM at update {step}:")
+    assert f"resume with: python -m runners.offline --run_dir={run_dir}" in line[0]
