@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
 import sys
 import time
@@ -250,10 +249,11 @@ class MetricLogger:
 
     def _console(self, step: int, steps_per_second: float) -> None:
         total = f"/{self.total_steps}" if self.total_steps else ""
-        last_return = self._returns[-1] if self._returns else math.nan
-        last_eval = self._last_eval if self._last_eval is not None else math.nan
+        # "-" until the first episode / evaluation of this process (after a resume too).
+        last_return = f"{self._returns[-1]:.1f}" if self._returns else "-"
+        last_eval = f"{self._last_eval:.1f}" if self._last_eval is not None else "-"
         _log.info(
-            "step %d%s | %.0f steps/s | return %.1f | eval %.1f",
+            "step %d%s | %.0f steps/s | return %s | eval %s",
             step,
             total,
             steps_per_second,

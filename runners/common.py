@@ -70,13 +70,25 @@ def stop_on_signals(runner) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def make_parser(description: str) -> argparse.ArgumentParser:
+def make_parser(description: str, *, root: str = "OnlineRunner", prefix: str | None = "online",
+                run_dir_help: str | None = None, gin_flags: bool = True
+                ) -> argparse.ArgumentParser:
+    """The shared flags; `root` names the runner's configurable in the --gin_param example,
+    `prefix` the default run dir (None: --run_dir has no default), `run_dir_help` replaces
+    the training runners' --run_dir text, and `gin_flags=False` hides the gin flags (tools
+    that rebuild a run from its own config.gin)."""
     p = argparse.ArgumentParser(description=description)
+    hide = {} if gin_flags else {"help": argparse.SUPPRESS}
     p.add_argument("--gin_file", action="append", default=[],
-                   help="gin file (repeatable; later files override earlier ones)")
+                   **(hide or {"help": "gin file (repeatable; later files override earlier ones)"}))
     p.add_argument("--gin_param", "--gin_bindings", dest="gin_param", action="append",
-                   default=[], help="gin binding, e.g. 'OnlineRunner.seed = 2' (repeatable)")
-    p.add_argument("--run_dir", default=None, help="run directory (an existing one resumes)")
+                   default=[], **(hide or {"help": f"gin binding, e.g. '{root}.seed = 2' "
+                                                   "(repeatable)"}))
+    if run_dir_help is None:
+        run_dir_help = (f"run directory (default runs/{prefix}-<date>-<time>); an existing one "
+                        "resumes from its newest complete checkpoint, and a finished one is "
+                        "left as it is")
+    p.add_argument("--run_dir", default=None, help=run_dir_help)
     p.add_argument("--list_components", action="store_true",
                    help="list registered components with their parameters and defaults")
     return p
@@ -154,6 +166,16 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self):
         return sys.stderr
 
+    def emit(self, record: logging.LogRecord) -> None:
+        """Through tqdm's writer: a progress bar on stderr is cleared and redrawn around
+        the line instead of being glued to it."""
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
     @stream.setter
     def stream(self, value):
         pass
@@ -174,10 +196,12 @@ def configure_process() -> None:
     configure_logging()
 
 
-def main(argv: Sequence[str] | None, description: str, run: Callable[[argparse.Namespace], int]) -> int:
-    """Parse flags, load gin, call `run(args)`; map user errors to exit code 2."""
+def main(argv: Sequence[str] | None, description: str, run: Callable[[argparse.Namespace], int],
+         **parser_options) -> int:
+    """Parse flags (`parser_options` go to make_parser), load gin, call `run(args)`; map
+    user errors to exit code 2."""
     configure_process()
-    args = make_parser(description).parse_args(argv)
+    args = make_parser(description, **parser_options).parse_args(argv)
     if args.list_components:
         sys.stdout.write(list_components() + "\n")
         return 0

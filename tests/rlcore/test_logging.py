@@ -129,3 +129,14 @@ def test_restart_from_zero_purges_the_earlier_attempt(tmp_path):
     tags = _events(tmp_path).Tags()["scalars"]
     assert "train/x" not in tags or not _events(tmp_path).Scalars("train/x")
     assert [(e.step, e.value) for e in _events(tmp_path).Scalars("train/y")] == [(10, 1.0)]
+
+
+def test_console_line_shows_dash_before_the_first_episode(tmp_path, caplog):
+    """After a resume no episode has ended yet: `return -`, not `return nan`."""
+    with MetricLogger(tmp_path, total_steps=1000, progress=False, console_every=0.0,
+                      use_tensorboard=False, resume_step=500) as logger:
+        with caplog.at_level(logging.INFO, logger="rlcore"):
+            logger.advance(600)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("return - | eval -" in m for m in messages), messages
+    assert not any("nan" in m for m in messages)

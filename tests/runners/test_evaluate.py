@@ -209,3 +209,20 @@ def test_envpool_run_records_videos_with_dm_control(tmp_path):
 
     frames = read_mp4(run_dir / video["path"])
     assert frames.shape == (video["frames"], 64, 64, 3) and video["frames"] == 50
+
+
+def test_log_lines_go_through_tqdm_write(monkeypatch):
+    """Log lines are written with tqdm.write, so they never end up glued to a progress bar."""
+    import logging
+
+    from tqdm import tqdm
+
+    from runners.common import _StderrHandler
+
+    written = []
+    monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, s, file=None, **kw:
+                                                   written.append(s)))
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    handler.emit(logging.LogRecord("runners", logging.INFO, __file__, 1, "step %d", (5,), None))
+    assert written == ["runners: step 5"]

@@ -339,3 +339,23 @@ def test_sigterm_checkpoints_and_exits(dataset, tmp_path):
     line = [ln for ln in stderr.splitlines() if ln.startswith("stopped by SIGTERM")]
     assert len(line) == 1 and line[0].startswith(f"stopped by SIGTERM at update {step}:")
     assert f"resume with: python -m runners.offline --run_dir={run_dir}" in line[0]
+
+
+def test_each_runner_help_is_its_own(capsys):
+    """--help names the runner's own configurable and says what --run_dir does there."""
+    from runners import export, offline, online
+
+    for main, must, must_not in (
+            (offline.main, ["'OfflineRunner.seed = 2'", "runs/offline-"], ["OnlineRunner"]),
+            (online.main, ["'OnlineRunner.seed = 2'", "runs/online-"], ["OfflineRunner"]),
+            (export.main, ["replay buffer is exported"], ["resumes", "--gin_param"])):
+        if main is online.main:
+            with pytest.raises(SystemExit):
+                main(["--help"])
+        else:
+            assert main(["--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        for s in must:
+            assert s in text, (main.__module__, s)
+        for s in must_not:
+            assert s not in text, (main.__module__, s)

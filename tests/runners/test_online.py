@@ -48,6 +48,9 @@ def finished_run(tmp_path_factory):
 
 def test_run_leaves_artifacts(finished_run):
     run_dir, proc = finished_run
+    # the run dir, the run's length and how to resume, said at the start
+    assert (f"run dir {run_dir}: env step 0 of 1200; resume with: python -m runners.online "
+            f"--run_dir={run_dir}") in proc.stderr
     assert (run_dir / "config.gin").read_text().count("OnlineRunner.") > 5
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     lines = (run_dir / "eval.csv").read_text().splitlines()
