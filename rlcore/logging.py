@@ -135,7 +135,9 @@ class MetricLogger:
             dynamic_ncols=True,
             file=sys.stderr,
             disable=None if progress else True,  # None: off when stderr is not a TTY
+            smoothing=0,  # rate (and ETA) = steps since the phase began / its time
         )
+        self.phase_name: str | None = None
         self._console_time = time.perf_counter()
         self._console_step = resume_step
 
@@ -233,6 +235,20 @@ class MetricLogger:
         if self._writer is None:
             return
         self._writer.add_text("config/operative", f"```\n{text}\n```", global_step=0)
+
+    def phase(self, name: str) -> None:
+        """Start a phase (`seeding`, `training`, ...): the bar shows its name, and its rate
+        and ETA count from here, so a fast seeding phase does not promise an early end."""
+        if name == self.phase_name:
+            return
+        self.phase_name = name
+        bar = self._bar
+        if not bar.disable:
+            bar.set_description_str(name, refresh=False)
+            bar.initial = bar.n
+            bar.start_t = bar.last_print_t = bar._time()
+            bar.last_print_n = bar.n
+            bar.refresh()
 
     def advance(self, step: int) -> None:
         """Move the progress bar to env step `step`; emit a console line every `console_every` s."""

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from typing import Any, Callable
 
 import gin
 import torch
 from tensordict import TensorDict
+from tqdm import tqdm
 
 from rlcore import checks
 from rlcore.types import DONE, EPISODE, NEXT_EPISODE, NEXT_OBS, OBS, REWARD, EnvSpec
@@ -243,7 +245,7 @@ class OnlineRunner(RunnerBase):
             self.pretrained = True
             _log.info("pretraining: %d full updates on %d seed steps", self.pretrain_updates,
                       self.agent_steps)
-            return {"full": self.pretrain_updates}
+            return {"pretrain": self.pretrain_updates}
         due = {}
         for name, count in self.schedule.items():
             self.update_credit[name] += self.spec.num_envs * count
@@ -252,8 +254,20 @@ class OnlineRunner(RunnerBase):
         return due
 
     def _update(self, due: dict[str, int], timers: dict[str, float]) -> None:
+        if due.get("pretrain"):  # one long block (minutes on big models): its own bar
+            n = due.pop("pretrain")
+            with tqdm(total=n, desc="pretraining", unit="update", leave=False,
+                      file=sys.stderr, dynamic_ncols=True,
+                      disable=None if self.progress else True) as bar:
+                self._run_updates({"full": n}, timers, bar.update)
+        self._run_updates(due, timers)
+
+    def _run_updates(self, due: dict[str, int], timers: dict[str, float],
+                     tick: Callable[[], Any] | None = None) -> None:
         for pathway, n in due.items():
             for _ in range(n):
+                if tick is not None:
+                    tick()
                 t0 = time.perf_counter()
                 batch = self.replay.sample()
                 t1 = time.perf_counter()
@@ -325,6 +339,7 @@ class OnlineRunner(RunnerBase):
             builder.start(i, td[OBS][i], td[EPISODE][i], self.spec.action_dim)
         obs, is_first = td[OBS], torch.ones(self.spec.num_envs, dtype=torch.bool)
         while self.env_step < self.total_env_steps:
+            self.logger.phase("seeding" if self.agent_steps < self.seed_steps else "training")
             obs, is_first = self._collect(obs, is_first, builder, timers)
             self._update(self._updates_due(), timers)
             if self.pretrained and self.steady_start is None:  # pretraining just ended

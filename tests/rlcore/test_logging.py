@@ -140,3 +140,23 @@ def test_console_line_shows_dash_before_the_first_episode(tmp_path, caplog):
     messages = [record.getMessage() for record in caplog.records]
     assert any("return - | eval -" in m for m in messages), messages
     assert not any("nan" in m for m in messages)
+
+
+def test_phase_restarts_the_rate_and_eta(tmp_path, monkeypatch):
+    """A new phase (seeding -> training) restarts the bar's rate: the ETA follows the
+    current phase, not the fast random-action steps before it."""
+    import io
+
+    import rlcore.logging as rlog
+
+    real = rlog.tqdm
+    monkeypatch.setattr(rlog, "tqdm", lambda **kw: real(**{**kw, "disable": False,
+                                                            "file": io.StringIO()}))
+    with MetricLogger(tmp_path, total_steps=1000, progress=True, use_tensorboard=False) as lg:
+        lg.phase("seeding")
+        lg.advance(400)
+        lg.phase("training")
+        bar = lg._bar
+        assert bar.desc == "training" and bar.initial == 400 and bar.n == 400
+        lg.advance(410)
+        assert bar.format_dict["n"] - bar.format_dict["initial"] == 10

@@ -384,3 +384,36 @@ def test_diverging_run_names_the_losses_and_writes_no_checkpoint(tmp_path, capsy
     assert lines[0].startswith("error: non-finite loss at update ")
     assert "loss_" in lines[0] and "no checkpoint was written" in lines[0]
     assert not list(run_dir.glob("checkpoints/step_*"))
+
+
+def test_pretraining_and_phases_show_progress(tmp_path, monkeypatch):
+    """Pretraining (one long block of updates) has its own progress bar, and the main bar
+    names the phase (seeding, then training) so its ETA follows the current phase."""
+    import gin
+
+    import runners.pipelines as pipelines
+    from rlcore.config import load_gin
+    from rlcore.logging import MetricLogger
+
+    bars, phases = [], []
+    real = pipelines.tqdm
+
+    def spy(**kw):
+        bars.append((kw.get("desc"), kw.get("total")))
+        return real(**kw)
+
+    monkeypatch.setattr(pipelines, "tqdm", spy)
+    real_phase = MetricLogger.phase
+    monkeypatch.setattr(MetricLogger, "phase",
+                        lambda self, name: (phases.append(name), real_phase(self, name))[1])
+    load_gin(["gin/tdmpc2_dog.gin", "gin/test/tiny.gin"],
+             ["TASK = 'cartpole-balance'", "OnlineRunner.total_env_steps = 600"],
+             finalize=False)
+    try:
+        runner = pipelines.OnlineRunner(str(tmp_path / "run"))
+        runner.run()
+    finally:
+        gin.clear_config()
+    assert bars == [("pretraining", 200)]
+    assert phases[0] == "seeding" and phases[-1] == "training"
+    assert sorted(set(phases)) == ["seeding", "training"]
