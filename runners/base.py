@@ -293,7 +293,10 @@ class RunnerBase:
         episodes: list[TensorDict] = []
         modes = [("reward", True)] + ([("reward_policy", False)] if self.eval_policy_prior else [])
         for name, use_planner in modes:
-            returns, lengths, done = run_episodes(env, self.agent, use_planner)
+            returns, lengths, done = run_episodes(
+                env, self.agent, use_planner,
+                progress=f"eval ({'planner' if use_planner else 'policy prior'}, "
+                         f"{env.spec.num_envs} episodes)" if self.progress else None)
             results[name] = float(np.mean(returns))
             if name == "reward":
                 results["reward_std"] = float(np.std(returns))

@@ -226,3 +226,38 @@ def test_log_lines_go_through_tqdm_write(monkeypatch):
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     handler.emit(logging.LogRecord("runners", logging.INFO, __file__, 1, "step %d", (5,), None))
     assert written == ["runners: step 5"]
+
+
+def test_evaluation_episodes_show_progress(monkeypatch):
+    """run_episodes with a label shows a (transient) bar over the episodes' agent steps."""
+    import io
+
+    import torch
+
+    import runners.rollouts as rollouts
+    from rlcore.envs import EnvpoolVecEnv
+
+    bars = []
+    real = rollouts.tqdm
+
+    def spy(**kw):
+        bar = real(**{**kw, "disable": kw["disable"] or False, "file": io.StringIO()})
+        bars.append((kw["desc"], kw["total"], kw["disable"], bar))
+        return bar
+
+    monkeypatch.setattr(rollouts, "tqdm", spy)
+
+    class Zero:
+        def act(self, obs, is_first, eval_mode=True, use_planner=True):
+            return torch.zeros(obs.shape[0], env.spec.action_dim)
+
+    env = EnvpoolVecEnv("cartpole-balance", num_envs=2, max_episode_steps=20)
+    try:
+        rollouts.run_episodes(env, Zero(), progress="eval (planner, 2 episodes)")
+        rollouts.run_episodes(env, Zero())
+    finally:
+        env.close()
+    (desc, total, disable, bar), (_, _, off, _) = bars
+    assert desc == "eval (planner, 2 episodes)" and total == env.spec.episode_length == 10
+    assert disable is None and bar.n == 10  # shown on a terminal, one tick per agent step
+    assert off is True  # no label: no bar
