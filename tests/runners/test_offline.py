@@ -359,3 +359,22 @@ def test_each_runner_help_is_its_own(capsys):
             assert s in text, (main.__module__, s)
         for s in must_not:
             assert s not in text, (main.__module__, s)
+
+
+@pytest.mark.parametrize("param, expected", [
+    ("OfflineRunner.total_updates = 'abc'",
+     "OfflineRunner.total_updates must be an integer >= 1, got 'abc'; fix the binding "
+     "OfflineRunner.total_updates"),
+    ("OfflineRunner.checkpoint_every = -200",
+     "OfflineRunner.checkpoint_every must be an integer >= 0, got -200"),
+    ("OfflineRunner.validation_fraction = 1.5",
+     "OfflineRunner.validation_fraction must be a finite number in [0, 1), got 1.5"),
+])
+def test_bad_runner_value_is_refused(dataset, tmp_path, capsys, param, expected):
+    run_dir = tmp_path / "run"
+    code, err = _main(_argv(run_dir, f"--dataset={dataset}", params=[*PARAMS, param]), capsys)
+    assert code == 2, err[-2000:]
+    lines = err[err.index("error: "):].splitlines()
+    assert len(lines) == 1 and expected in lines[0], err[-2000:]
+    assert "In call to configurable" not in err and "Traceback" not in err
+    assert not run_dir.exists()
