@@ -265,7 +265,7 @@ class RunnerBase:
                 + ("" if self.STEP_NAME == "update" else f" ({self.STEP_NAME} {self.step})")
                 + f": {', '.join(bad)}. The run diverged; {last}. Lower the learning rate "
                 f"(e.g. TDMPC2Agent.lr) or check the {self.SOURCE}'s rewards/observations, "
-                "then resume or start a new --run_dir.")
+                "and start a new --run_dir (a run dir resumes only with its own config).")
 
     # -- logging, validation, evaluation ----------------------------------------------
     def _log_update(self, metrics: TensorDict) -> None:
