@@ -184,6 +184,7 @@ class RunnerBase:
         if self.stop_signal is None:
             return
         name = signal.Signals(self.stop_signal).name
+        _log.info("got %s: writing a checkpoint, then stopping", name)
         self.save()
         self.logger.close()
         raise RunInterrupted(

@@ -54,9 +54,7 @@ def stop_on_signals(runner) -> Iterator[None]:
     def handler(signum, frame):
         if runner.stop_signal is not None:  # asked twice: stop now
             raise SystemExit(128 + signum)
-        runner.stop_signal = signum
-        _log.info("got %s: stopping after this step, with a checkpoint",
-                  signal.Signals(signum).name)
+        runner.stop_signal = signum  # nothing else here: no logging inside a handler
 
     previous = {}
     for name in STOP_SIGNALS:

@@ -330,7 +330,10 @@ class OnlineRunner(RunnerBase):
 
     # -- the schedule -----------------------------------------------------------------
     def run(self) -> None:
-        if not self._begin(self.total_env_steps):
+        if not self._begin(self.total_env_steps):  # finished: nothing to do
+            self.env.close()
+            if self.eval_env is not None:
+                self.eval_env.close()
             return
         timers = self.timers
         builder = EpisodeBuilder(self.spec.num_envs)
