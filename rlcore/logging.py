@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
 import sys
 import time
@@ -106,15 +105,19 @@ class MetricLogger:
 
         # TensorBoard. purge_step hides points a crashed run wrote after its checkpoint;
         # TensorBoard purges steps >= purge_step, and points *at* the checkpoint step were
-        # logged before it was saved, so purge from resume_step + 1 (as eval.csv does).
+        # logged before it was saved, so purge from resume_step + 1 (as eval.csv does). A
+        # restart from 0 over earlier events (an attempt that crashed before its first
+        # checkpoint) purges all of them.
         self._writer = None
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(
-                log_dir=str(self.run_dir / TB_DIR),
-                purge_step=resume_step + 1 if resume_step > 0 else None,
-            )
+            tb_dir = self.run_dir / TB_DIR
+            if resume_step > 0:
+                purge_step: int | None = resume_step + 1
+            else:
+                purge_step = 0 if any(tb_dir.glob("events.out.tfevents.*")) else None
+            self._writer = SummaryWriter(log_dir=str(tb_dir), purge_step=purge_step)
 
         # eval.csv: truncate to the resume step, then append.
         self._csv_path = self.run_dir / EVAL_CSV
@@ -132,7 +135,9 @@ class MetricLogger:
             dynamic_ncols=True,
             file=sys.stderr,
             disable=None if progress else True,  # None: off when stderr is not a TTY
+            smoothing=0,  # rate (and ETA) = steps since the phase began / its time
         )
+        self.phase_name: str | None = None
         self._console_time = time.perf_counter()
         self._console_step = resume_step
 
@@ -231,6 +236,20 @@ class MetricLogger:
             return
         self._writer.add_text("config/operative", f"```\n{text}\n```", global_step=0)
 
+    def phase(self, name: str) -> None:
+        """Start a phase (`seeding`, `training`, ...): the bar shows its name, and its rate
+        and ETA count from here, so a fast seeding phase does not promise an early end."""
+        if name == self.phase_name:
+            return
+        self.phase_name = name
+        bar = self._bar
+        if not bar.disable:
+            bar.set_description_str(name, refresh=False)
+            bar.initial = bar.n
+            bar.start_t = bar.last_print_t = bar._time()
+            bar.last_print_n = bar.n
+            bar.refresh()
+
     def advance(self, step: int) -> None:
         """Move the progress bar to env step `step`; emit a console line every `console_every` s."""
         if step > self._step:
@@ -246,10 +265,11 @@ class MetricLogger:
 
     def _console(self, step: int, steps_per_second: float) -> None:
         total = f"/{self.total_steps}" if self.total_steps else ""
-        last_return = self._returns[-1] if self._returns else math.nan
-        last_eval = self._last_eval if self._last_eval is not None else math.nan
+        # "-" until the first episode / evaluation of this process (after a resume too).
+        last_return = f"{self._returns[-1]:.1f}" if self._returns else "-"
+        last_eval = f"{self._last_eval:.1f}" if self._last_eval is not None else "-"
         _log.info(
-            "step %d%s | %.0f steps/s | return %.1f | eval %.1f",
+            "step %d%s | %.0f steps/s | return %s | eval %s",
             step,
             total,
             steps_per_second,

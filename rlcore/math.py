@@ -31,18 +31,18 @@ def two_hot(x: torch.Tensor, num_bins: int, vmin: float, vmax: float) -> torch.T
     """Two-hot encoding of scalars in symlog space.
 
     The target symlog(x), clipped to [vmin, vmax], is split between its two neighbouring
-    bins in proportion to its distance to each. A NaN target is an error.
+    bins in proportion to its distance to each. A NaN target gives a NaN encoding (and a
+    NaN loss, which the runners reject naming the loss term): checking here would force a
+    host sync in every update.
 
     Shapes: x [...] -> [..., K].
     """
-    # (Compiled graphs cannot branch on data: there a NaN target gives a NaN loss, which
-    # the runners reject with their own error.)
-    if not torch.compiler.is_compiling() and torch.isnan(x).any():
-        raise ValueError("two_hot received a NaN target; check rewards and TD targets")
     if num_bins <= 1:
         return symlog(x).unsqueeze(-1)
     bin_size = (vmax - vmin) / (num_bins - 1)
     y = symlog(x).clamp(vmin, vmax)  # [...]
+    nan = torch.isnan(y)  # [...] (no host sync: NaN rows are filled at the end)
+    y = torch.where(nan, torch.zeros_like(y), y)
     pos = (y - vmin) / bin_size  # [...] fractional bin index
     lo = pos.floor().clamp(0, num_bins - 1)  # [...]
     frac = pos - lo  # [...]
@@ -51,7 +51,7 @@ def two_hot(x: torch.Tensor, num_bins: int, vmin: float, vmax: float) -> torch.T
     out = torch.zeros(*x.shape, num_bins, device=x.device, dtype=x.dtype)  # [..., K]
     out.scatter_add_(-1, lo.unsqueeze(-1), (1 - frac).unsqueeze(-1))
     out.scatter_add_(-1, hi.unsqueeze(-1), frac.unsqueeze(-1))
-    return out
+    return out.masked_fill(nan.unsqueeze(-1), float("nan"))
 
 
 @functools.lru_cache(maxsize=32)

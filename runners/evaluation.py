@@ -201,7 +201,9 @@ class Evaluator:
         }
         modes = [("planner", True)] + ([("policy_prior", False)] if self.policy_prior else [])
         for name, use_planner in modes:
-            returns, lengths, _ = run_episodes(self.env, self.agent, use_planner)
+            returns, lengths, _ = run_episodes(
+                self.env, self.agent, use_planner,
+                progress=f"{name} ({self.episodes} episodes)")
             result[name] = _summary(returns, lengths)
             _log.info("%s: return %.1f +- %.1f over %d episodes", name, result[name]["mean"],
                       result[name]["std"], self.episodes)

@@ -103,14 +103,19 @@ def _run(args, extra) -> int:
     return 0
 
 
+PARSER = {"run_dir_help": "the online run whose replay buffer is exported (read only: its "
+                          "config.gin and newest complete checkpoint, or --checkpoint)",
+          "gin_flags": False}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra, rest = _add_flags(argparse.ArgumentParser(add_help=False, allow_abbrev=False)
                              ).parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
-        _add_flags(common.make_parser(DESCRIPTION)).print_help()
+        _add_flags(common.make_parser(DESCRIPTION, **PARSER)).print_help()
         return 0
-    common_args, _ = common.make_parser(DESCRIPTION).parse_known_args(rest)
+    common_args, _ = common.make_parser(DESCRIPTION, **PARSER).parse_known_args(rest)
     problem = None
     if common_args.gin_file or common_args.gin_param:
         problem = ("export rebuilds the run from RUN/config.gin; pass no --gin_file or "
@@ -125,7 +130,7 @@ def main(argv=None) -> int:
     if problem:
         sys.stderr.write(f"error: {problem}\n")
         return 2
-    return common.main(rest, DESCRIPTION, lambda args: _run(args, extra))
+    return common.main(rest, DESCRIPTION, lambda args: _run(args, extra), **PARSER)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 from runners import common
 
 DESCRIPTION = "Train a TD-MPC2-family agent offline from HDF5 episode datasets."
+PARSER = {"root": "OfflineRunner", "prefix": "offline"}
 
 
 def _add_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -56,9 +57,9 @@ def main(argv=None) -> int:
     extra, rest = _add_flags(argparse.ArgumentParser(add_help=False, allow_abbrev=False)
                              ).parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
-        _add_flags(common.make_parser(DESCRIPTION)).print_help()
+        _add_flags(common.make_parser(DESCRIPTION, **PARSER)).print_help()
         return 0
-    return common.main(rest, DESCRIPTION, lambda args: _run(args, extra.dataset))
+    return common.main(rest, DESCRIPTION, lambda args: _run(args, extra.dataset), **PARSER)
 
 
 if __name__ == "__main__":

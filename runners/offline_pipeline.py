@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from components.replay.hdf5 import DatasetError, HDF5EpisodeDataset, load_into
+from rlcore import checks
 from rlcore.types import EnvSpec
 from runners.base import RunnerBase
 from runners.common import RunError
@@ -109,19 +110,22 @@ class OfflineRunner(RunnerBase):
                  checkpoint_every: int = 10_000, keep_checkpoints: int = 2,
                  log_every: int = 100, chunk_episodes: int = 64, device: str = "auto",
                  num_threads: int | None = None, progress: bool = True):
-        if total_updates <= 0:
-            raise RunError(f"OfflineRunner.total_updates must be > 0, got {total_updates}")
-        if not 0.0 <= validation_fraction < 1.0:
-            raise RunError(f"OfflineRunner.validation_fraction must lie in [0, 1), got "
-                           f"{validation_fraction}")
-        for name, value in (("validation_every", validation_every),
-                            ("validation_batches", validation_batches),
-                            ("eval_every", eval_every), ("eval_episodes", eval_episodes),
-                            ("checkpoint_every", checkpoint_every)):
-            if value < 0:
-                raise RunError(f"OfflineRunner.{name} must be >= 0, got {value}")
-        if log_every < 1 or chunk_episodes < 1:
-            raise RunError("OfflineRunner.log_every and .chunk_episodes must be >= 1")
+        o = "OfflineRunner"
+        seed = checks.integer(o, "seed", seed)
+        total_updates = checks.integer(o, "total_updates", total_updates, at_least=1)
+        validation_fraction = checks.number(o, "validation_fraction", validation_fraction,
+                                            low=0, high=1, high_open=True)
+        validation_every = checks.integer(o, "validation_every", validation_every, at_least=0)
+        validation_batches = checks.integer(o, "validation_batches", validation_batches,
+                                            at_least=0)
+        eval_every = checks.integer(o, "eval_every", eval_every, at_least=0)
+        eval_episodes = checks.integer(o, "eval_episodes", eval_episodes, at_least=0)
+        checkpoint_every = checks.integer(o, "checkpoint_every", checkpoint_every, at_least=0)
+        keep_checkpoints = checks.integer(o, "keep_checkpoints", keep_checkpoints, at_least=1)
+        log_every = checks.integer(o, "log_every", log_every, at_least=1)
+        chunk_episodes = checks.integer(o, "chunk_episodes", chunk_episodes, at_least=1)
+        if num_threads is not None:
+            num_threads = checks.integer(o, "num_threads", num_threads, at_least=1)
         if isinstance(datasets, (str, Path)):
             datasets = [datasets]
         if not datasets:
@@ -332,11 +336,13 @@ class OfflineRunner(RunnerBase):
     # -- the schedule -----------------------------------------------------------------
     def run(self) -> None:
         self._load_data()
-        self._begin(self.total_updates)
+        if not self._begin(self.total_updates):
+            return
         update_time = 0.0
         while self.num_updates < self.total_updates:
             t0 = time.perf_counter()
             metrics = self.agent.update(self.replay.sample(), "full")
+            self._note_update(metrics)
             update_time += time.perf_counter() - t0
             if self.num_updates % self.log_every == 0:
                 self._log_update(metrics)
@@ -350,6 +356,7 @@ class OfflineRunner(RunnerBase):
                 self.save()
                 self.next_checkpoint += self.checkpoint_every
             self._advance("updates_per_second", {"update": update_time})
+            self._check_stop()
         if self.validation is not None and self.last_validation < self.num_updates:
             self.validate()
         if self._env_factory is not None and self.last_eval < self.num_updates:

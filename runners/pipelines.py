@@ -11,19 +11,30 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from typing import Any, Callable
 
 import gin
 import torch
 from tensordict import TensorDict
+from tqdm import tqdm
 
+from rlcore import checks
 from rlcore.types import DONE, EPISODE, NEXT_EPISODE, NEXT_OBS, OBS, REWARD, EnvSpec
 from runners.base import RunnerBase
 from runners.common import RunError
 from runners.rollouts import EVAL_SEED_OFFSET, EpisodeBuilder, record_videos
 
 _log = logging.getLogger("runners")
+
+RESUME_SEED_STRIDE = 1_000_003  # a prime: resumed envs are seeded apart from all others
+
+
+def train_env_seed(seed: int, env_step: int) -> int:
+    """The training envs' seed: the run's seed for a fresh run; a resumed run's envs are
+    seeded from the resume point, so every resume meets new start states."""
+    return (seed + RESUME_SEED_STRIDE * env_step) % (2**31 - 2**16)
 
 
 @gin.configurable
@@ -45,7 +56,8 @@ class OnlineRunner(RunnerBase):
         eval_every: env steps between evaluations (0 disables periodic evaluation).
         eval_episodes: episodes per evaluation (run as parallel eval envs).
         eval_policy_prior: also evaluate the policy prior alone.
-        checkpoint_every: env steps between checkpoints (one is always written at the end).
+        checkpoint_every: env steps between checkpoints (0: none but the one always
+            written at the end, and at a stop signal).
         log_every: updates between logged update metrics.
         device: `auto` (CUDA when present), `cpu`, `cuda`, ...
         num_threads: torch CPU threads (None leaves torch's default).
@@ -61,7 +73,7 @@ class OnlineRunner(RunnerBase):
             (format in components/replay/hdf5.py); None: no export.
     """
 
-    STEP_NAME, SOURCE = "env step", "env"
+    STEP_NAME, SOURCE, ENTRY = "env step", "env", "runners.online"
     COUNTERS = ("env_step", "agent_steps", "pretrained", "update_credit", "last_eval_step",
                 "next_eval", "next_checkpoint")
 
@@ -77,18 +89,38 @@ class OnlineRunner(RunnerBase):
                  validation_batches: int = 0, validation_capacity: int = 100_000,
                  eval_videos: int = 0, video_size: int = 256,
                  export_dataset: str | None = None):
+        o = "OnlineRunner"
+        seed = checks.integer(o, "seed", seed)
+        total_env_steps = checks.integer(o, "total_env_steps", total_env_steps, at_least=1)
+        if seed_steps is not None:
+            seed_steps = checks.integer(o, "seed_steps", seed_steps, at_least=0)
+        if pretrain_updates is not None:
+            pretrain_updates = checks.integer(o, "pretrain_updates", pretrain_updates,
+                                              at_least=0)
+        utd_ratio = checks.number(o, "utd_ratio", utd_ratio, low=0)
+        policy_updates = checks.number(o, "policy_updates", policy_updates, low=0)
+        actor_critic_updates = checks.number(o, "actor_critic_updates", actor_critic_updates,
+                                             low=0)
+        eval_every = checks.integer(o, "eval_every", eval_every, at_least=0)
+        eval_episodes = checks.integer(o, "eval_episodes", eval_episodes, at_least=0)
+        if eval_every > 0 and eval_episodes < 1:
+            raise ValueError(f"OnlineRunner.eval_episodes must be >= 1 while evaluation is on "
+                             f"(OnlineRunner.eval_every = {eval_every}), got {eval_episodes}; "
+                             "fix the binding OnlineRunner.eval_episodes, or set "
+                             "OnlineRunner.eval_every = 0 to turn evaluation off")
+        checkpoint_every = checks.integer(o, "checkpoint_every", checkpoint_every, at_least=0)
+        keep_checkpoints = checks.integer(o, "keep_checkpoints", keep_checkpoints, at_least=1)
+        log_every = checks.integer(o, "log_every", log_every, at_least=1)
+        if num_threads is not None:
+            num_threads = checks.integer(o, "num_threads", num_threads, at_least=1)
+        validation_batches = checks.integer(o, "validation_batches", validation_batches,
+                                            at_least=0)
+        validation_capacity = checks.integer(o, "validation_capacity", validation_capacity,
+                                             at_least=1)
+        eval_videos = checks.integer(o, "eval_videos", eval_videos, at_least=0)
+        video_size = checks.integer(o, "video_size", video_size, at_least=1)
         self.schedule = {"full": utd_ratio, "actor_critic": actor_critic_updates,
                          "policy": policy_updates}
-        for name, count in self.schedule.items():
-            if not count >= 0:
-                raise RunError(f"update counts must be >= 0 per agent step, got {name} = "
-                               f"{count}; fix OnlineRunner.utd_ratio / policy_updates / "
-                               "actor_critic_updates")
-        if validation_batches < 0:
-            raise RunError(f"OnlineRunner.validation_batches must be >= 0, got "
-                           f"{validation_batches}")
-        if total_env_steps <= 0:
-            raise RunError(f"OnlineRunner.total_env_steps must be > 0, got {total_env_steps}")
         super().__init__(run_dir, seed, device, num_threads, progress, log_every,
                          validation_batches, eval_policy_prior)
         self.total_env_steps = total_env_steps
@@ -104,9 +136,6 @@ class OnlineRunner(RunnerBase):
         self.replay = replay(self.spec, seed=seed, device=self.device)
         self.seed_steps = seed_steps if seed_steps is not None else max(
             1000, 5 * self.spec.episode_length)
-        if pretrain_updates is not None and pretrain_updates < 0:
-            raise RunError(f"OnlineRunner.pretrain_updates must be >= 0 (or None), got "
-                           f"{pretrain_updates}")
         self.pretrain_updates = self.seed_steps if pretrain_updates is None else pretrain_updates
         self.eval_env = env(num_envs=eval_episodes, seed=seed + EVAL_SEED_OFFSET) \
             if eval_every or eval_episodes else None
@@ -165,6 +194,13 @@ class OnlineRunner(RunnerBase):
                 "validation": {k: b.state_dict() for k, b in self.validation.items()
                                if b is not None}}
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        env_step = int(state["counters"].get("env_step", 0))
+        if env_step > 0:  # new start states: not those the run began with
+            self.env.close()
+            self.env = self.env_factory(seed=train_env_seed(self.seed, env_step))
+        super().load_state_dict(state)
+
     def _load_data_state(self, state: dict[str, Any]) -> None:
         self.replay.load_state_dict(state["replay"])
         if state.get("env") and hasattr(self.env, "load_state_dict"):
@@ -209,7 +245,7 @@ class OnlineRunner(RunnerBase):
             self.pretrained = True
             _log.info("pretraining: %d full updates on %d seed steps", self.pretrain_updates,
                       self.agent_steps)
-            return {"full": self.pretrain_updates}
+            return {"pretrain": self.pretrain_updates}
         due = {}
         for name, count in self.schedule.items():
             self.update_credit[name] += self.spec.num_envs * count
@@ -218,12 +254,25 @@ class OnlineRunner(RunnerBase):
         return due
 
     def _update(self, due: dict[str, int], timers: dict[str, float]) -> None:
+        if due.get("pretrain"):  # one long block (minutes on big models): its own bar
+            n = due.pop("pretrain")
+            with tqdm(total=n, desc="pretraining", unit="update", leave=False,
+                      file=sys.stderr, dynamic_ncols=True,
+                      disable=None if self.progress else True) as bar:
+                self._run_updates({"full": n}, timers, bar.update)
+        self._run_updates(due, timers)
+
+    def _run_updates(self, due: dict[str, int], timers: dict[str, float],
+                     tick: Callable[[], Any] | None = None) -> None:
         for pathway, n in due.items():
             for _ in range(n):
+                if tick is not None:
+                    tick()
                 t0 = time.perf_counter()
                 batch = self.replay.sample()
                 t1 = time.perf_counter()
                 metrics = self.agent.update(batch, pathway)
+                self._note_update(metrics)
                 t2 = time.perf_counter()
                 if self.num_updates % self.log_every == 0:
                     self._log_update(metrics)
@@ -281,7 +330,11 @@ class OnlineRunner(RunnerBase):
 
     # -- the schedule -----------------------------------------------------------------
     def run(self) -> None:
-        self._begin(self.total_env_steps)
+        if not self._begin(self.total_env_steps):  # finished: nothing to do
+            self.env.close()
+            if self.eval_env is not None:
+                self.eval_env.close()
+            return
         timers = self.timers
         builder = EpisodeBuilder(self.spec.num_envs)
         td = self.env.reset()
@@ -289,6 +342,7 @@ class OnlineRunner(RunnerBase):
             builder.start(i, td[OBS][i], td[EPISODE][i], self.spec.action_dim)
         obs, is_first = td[OBS], torch.ones(self.spec.num_envs, dtype=torch.bool)
         while self.env_step < self.total_env_steps:
+            self.logger.phase("seeding" if self.agent_steps < self.seed_steps else "training")
             obs, is_first = self._collect(obs, is_first, builder, timers)
             self._update(self._updates_due(), timers)
             if self.pretrained and self.steady_start is None:  # pretraining just ended
@@ -303,6 +357,7 @@ class OnlineRunner(RunnerBase):
                 self.save()
             t2 = time.perf_counter()
             self._advance("env_steps_per_second", timers)
+            self._check_stop()
             timers["eval"] += t1 - t0
             timers["checkpoint"] += t2 - t1
             timers["log"] += time.perf_counter() - t2

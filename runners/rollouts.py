@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from tensordict import TensorDict
+from tqdm import tqdm
 
 from rlcore.types import ACTION, DONE, EPISODE, NEXT_OBS, OBS, REWARD, TERMINATED, EnvSpec
 from rlcore.video import Mp4Writer, add_video, resize_frames
@@ -62,8 +64,12 @@ class EpisodeBuilder:
 
 @torch.no_grad()
 def run_episodes(env: Any, agent: Any, use_planner: bool = True, *, sink: Sink | None = None,
-                 size: int = 256) -> tuple[list[float], list[int], list[TensorDict]]:
+                 size: int = 256, progress: str | None = None
+                 ) -> tuple[list[float], list[int], list[TensorDict]]:
     """One episode in each of `env`'s E envs, acting in eval mode.
+
+    With `progress` (a label), a transient progress bar over the episodes' agent steps is
+    shown on stderr when it is a terminal.
 
     With `sink`, every agent step is rendered: `sink(i, frame)` receives env i's frames in
     order (uint8 [size, size, 3]), the first observation, then one per step until the
@@ -83,7 +89,11 @@ def run_episodes(env: Any, agent: Any, use_planner: bool = True, *, sink: Sink |
     obs, is_first = td[OBS], torch.ones(E, dtype=torch.bool)
     returns, lengths = np.zeros(E), np.zeros(E, dtype=int)
     episodes: list[TensorDict] = []
+    bar = tqdm(total=getattr(env.spec, "episode_length", None), desc=progress, unit="step",
+               leave=False, file=sys.stderr, dynamic_ncols=True,
+               disable=None if progress else True)
     while running.any():
+        bar.update()
         action = agent.act(obs, is_first, eval_mode=True, use_planner=use_planner)  # [E, A]
         td = env.step(action)
         returns[running] += td[REWARD].numpy()[running]
@@ -96,6 +106,7 @@ def run_episodes(env: Any, agent: Any, use_planner: bool = True, *, sink: Sink |
         if sink is not None and running.any():
             _render(env, sink, size, running)
         obs, is_first = td[NEXT_OBS], td[DONE].clone()
+    bar.close()
     return returns.tolist(), lengths.tolist(), episodes
 
 

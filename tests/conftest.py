@@ -45,7 +45,8 @@ def _root_log_handlers_to_real_stderr():
         for handler in logger.handlers:
             if type(handler) is logging.StreamHandler and handler.stream not in (
                     sys.__stderr__, sys.__stdout__):
-                handler.setStream(sys.__stderr__)
+                handler.stream = sys.__stderr__  # not setStream: it flushes the old,
+                # possibly already closed, capture stream
 
 
 @pytest.fixture(autouse=True)

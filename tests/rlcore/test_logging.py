@@ -17,6 +17,15 @@ def _rows(path):
         return list(csv.reader(f))
 
 
+def _next_second() -> None:
+    """Event files are named `...tfevents.<second>.<host>.<pid>.<counter>` and read in name
+    order; two in one second of one process sort wrong once the counter passes 9 -> 10
+    (separate runs are separate processes and seconds)."""
+    import time
+
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
+
+
 def _events(run_dir) -> EventAccumulator:
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
@@ -87,6 +96,7 @@ def test_resume_purges_tensorboard(tmp_path):
     with MetricLogger(tmp_path, progress=False) as logger:
         for step in (10, 20, 30):
             logger.scalars("train", {"x": float(step)}, step)
+    _next_second()
     with MetricLogger(tmp_path, progress=False, resume_step=20) as logger:
         logger.scalars("train", {"x": -30.0}, 30)
     assert [(e.step, e.value) for e in _events(tmp_path).Scalars("train/x")] == [
@@ -105,3 +115,48 @@ def test_advance_console_line(tmp_path, caplog):
             logger.advance(100)
     messages = [record.getMessage() for record in caplog.records]
     assert any("step 100/1000" in m and "return 5.0" in m for m in messages)
+
+
+def test_restart_from_zero_purges_the_earlier_attempt(tmp_path):
+    """A run restarted from step 0 (no complete checkpoint) hides every earlier point, also
+    those of tags the new attempt has not written (yet)."""
+    with MetricLogger(tmp_path, progress=False) as logger:
+        for step in (10, 20, 30):
+            logger.scalars("train", {"x": float(step)}, step)
+    _next_second()
+    with MetricLogger(tmp_path, progress=False, resume_step=0) as logger:
+        logger.scalars("train", {"y": 1.0}, 10)
+    tags = _events(tmp_path).Tags()["scalars"]
+    assert "train/x" not in tags or not _events(tmp_path).Scalars("train/x")
+    assert [(e.step, e.value) for e in _events(tmp_path).Scalars("train/y")] == [(10, 1.0)]
+
+
+def test_console_line_shows_dash_before_the_first_episode(tmp_path, caplog):
+    """After a resume no episode has ended yet: `return -`, not `return nan`."""
+    with MetricLogger(tmp_path, total_steps=1000, progress=False, console_every=0.0,
+                      use_tensorboard=False, resume_step=500) as logger:
+        with caplog.at_level(logging.INFO, logger="rlcore"):
+            logger.advance(600)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("return - | eval -" in m for m in messages), messages
+    assert not any("nan" in m for m in messages)
+
+
+def test_phase_restarts_the_rate_and_eta(tmp_path, monkeypatch):
+    """A new phase (seeding -> training) restarts the bar's rate: the ETA follows the
+    current phase, not the fast random-action steps before it."""
+    import io
+
+    import rlcore.logging as rlog
+
+    real = rlog.tqdm
+    monkeypatch.setattr(rlog, "tqdm", lambda **kw: real(**{**kw, "disable": False,
+                                                            "file": io.StringIO()}))
+    with MetricLogger(tmp_path, total_steps=1000, progress=True, use_tensorboard=False) as lg:
+        lg.phase("seeding")
+        lg.advance(400)
+        lg.phase("training")
+        bar = lg._bar
+        assert bar.desc == "training" and bar.initial == 400 and bar.n == 400
+        lg.advance(410)
+        assert bar.format_dict["n"] - bar.format_dict["initial"] == 10

@@ -65,11 +65,13 @@ def test_two_hot_clips_at_support_edges():
     torch.testing.assert_close(rmath.symlog(dec), torch.tensor([10.0, -10, 10, -10]).double())
 
 
-def test_two_hot_raises_on_nan():
-    with pytest.raises(ValueError, match="NaN"):
-        rmath.two_hot(torch.tensor([0.0, float("nan")]), K, VMIN, VMAX)
-    with pytest.raises(ValueError):
-        rmath.soft_ce(torch.zeros(2, K), torch.tensor([[1.0], [float("nan")]]), K, VMIN, VMAX)
+def test_two_hot_nan_target_gives_nan_not_an_error():
+    """No data-dependent check (it would sync the host every update): a NaN target gives a
+    NaN encoding and a NaN loss, which the runners' non-finite-loss check reports."""
+    th = rmath.two_hot(torch.tensor([0.0, float("nan")]), K, VMIN, VMAX)
+    assert torch.isfinite(th[0]).all() and torch.isnan(th[1]).any()
+    loss = rmath.soft_ce(torch.zeros(2, K), torch.tensor([[1.0], [float("nan")]]), K, VMIN, VMAX)
+    assert torch.isfinite(loss[0]).all() and torch.isnan(loss[1]).all()
 
 
 def test_soft_ce_non_negative_and_minimal_at_own_two_hot():

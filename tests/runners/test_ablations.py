@@ -87,9 +87,7 @@ def test_any_update_schedule_runs_without_truncation(tmp_path, full, ac, pi):
                                    "OnlineRunner.policy_updates = -0.5",
                                    "OnlineRunner.validation_batches = -1"])
 def test_negative_counts_fail_before_training(tmp_path, param):
-    from runners.common import RunError
-
-    with pytest.raises(RunError, match=">= 0"):
+    with pytest.raises(ValueError, match=r"must be .*(>= 0|\[0, inf\)).*fix the binding"):
         run_short(tmp_path, params=[param])
     assert not (tmp_path / "run").exists()
 

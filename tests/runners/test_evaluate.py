@@ -209,3 +209,55 @@ def test_envpool_run_records_videos_with_dm_control(tmp_path):
 
     frames = read_mp4(run_dir / video["path"])
     assert frames.shape == (video["frames"], 64, 64, 3) and video["frames"] == 50
+
+
+def test_log_lines_go_through_tqdm_write(monkeypatch):
+    """Log lines are written with tqdm.write, so they never end up glued to a progress bar."""
+    import logging
+
+    from tqdm import tqdm
+
+    from runners.common import _StderrHandler
+
+    written = []
+    monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, s, file=None, **kw:
+                                                   written.append(s)))
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    handler.emit(logging.LogRecord("runners", logging.INFO, __file__, 1, "step %d", (5,), None))
+    assert written == ["runners: step 5"]
+
+
+def test_evaluation_episodes_show_progress(monkeypatch):
+    """run_episodes with a label shows a (transient) bar over the episodes' agent steps."""
+    import io
+
+    import torch
+
+    import runners.rollouts as rollouts
+    from rlcore.envs import EnvpoolVecEnv
+
+    bars = []
+    real = rollouts.tqdm
+
+    def spy(**kw):
+        bar = real(**{**kw, "disable": kw["disable"] or False, "file": io.StringIO()})
+        bars.append((kw["desc"], kw["total"], kw["disable"], bar))
+        return bar
+
+    monkeypatch.setattr(rollouts, "tqdm", spy)
+
+    class Zero:
+        def act(self, obs, is_first, eval_mode=True, use_planner=True):
+            return torch.zeros(obs.shape[0], env.spec.action_dim)
+
+    env = EnvpoolVecEnv("cartpole-balance", num_envs=2, max_episode_steps=20)
+    try:
+        rollouts.run_episodes(env, Zero(), progress="eval (planner, 2 episodes)")
+        rollouts.run_episodes(env, Zero())
+    finally:
+        env.close()
+    (desc, total, disable, bar), (_, _, off, _) = bars
+    assert desc == "eval (planner, 2 episodes)" and total == env.spec.episode_length == 10
+    assert disable is None and bar.n == 10  # shown on a terminal, one tick per agent step
+    assert off is True  # no label: no bar

@@ -311,3 +311,70 @@ def test_changed_dataset_is_refused_on_resume(dataset, tmp_path, capsys):
     code, err = _main([f"--run_dir={run_dir}"], capsys)
     assert code == 2 and "changed since the checkpoint" in err and str(copy) in err
     assert _snapshot(run_dir) == before
+
+
+def test_sigterm_checkpoints_and_exits(dataset, tmp_path):
+    """SIGTERM: finish the update, checkpoint, say how to resume, exit 143; then resume."""
+    run_dir = tmp_path / "run"
+    params = [*PARAMS, "OfflineRunner.total_updates = 100_000",
+              "OfflineRunner.checkpoint_every = 10", "OfflineRunner.eval_every = 0",
+              "OfflineRunner.eval_episodes = 0", "OfflineRunner.validation_every = 0"]
+    cmd = _offline_cmd(run_dir, f"--dataset={dataset}", params=params)
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=f)
+        ckpt_dir = run_dir / "checkpoints"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (
+                ckpt_dir.exists() and any((p / "COMPLETE").exists()
+                                          for p in ckpt_dir.glob("step_*"))):
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    stderr = err.read_text()
+    assert rc == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = sorted(p for p in ckpt_dir.glob("step_*") if (p / "COMPLETE").exists())[-1]
+    step = int(last.name.split("_")[1])
+    line = [ln for ln in stderr.splitlines() if ln.startswith("stopped by SIGTERM")]
+    assert len(line) == 1 and line[0].startswith(f"stopped by SIGTERM at update {step}:")
+    assert f"resume with: python -m runners.offline --run_dir={run_dir}" in line[0]
+
+
+def test_each_runner_help_is_its_own(capsys):
+    """--help names the runner's own configurable and says what --run_dir does there."""
+    from runners import export, offline, online
+
+    for main, must, must_not in (
+            (offline.main, ["'OfflineRunner.seed = 2'", "runs/offline-"], ["OnlineRunner"]),
+            (online.main, ["'OnlineRunner.seed = 2'", "runs/online-"], ["OfflineRunner"]),
+            (export.main, ["replay buffer is exported"], ["resumes", "--gin_param"])):
+        if main is online.main:
+            with pytest.raises(SystemExit):
+                main(["--help"])
+        else:
+            assert main(["--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        for s in must:
+            assert s in text, (main.__module__, s)
+        for s in must_not:
+            assert s not in text, (main.__module__, s)
+
+
+@pytest.mark.parametrize("param, expected", [
+    ("OfflineRunner.total_updates = 'abc'",
+     "OfflineRunner.total_updates must be an integer >= 1, got 'abc'; fix the binding "
+     "OfflineRunner.total_updates"),
+    ("OfflineRunner.checkpoint_every = -200",
+     "OfflineRunner.checkpoint_every must be an integer >= 0, got -200"),
+    ("OfflineRunner.validation_fraction = 1.5",
+     "OfflineRunner.validation_fraction must be a finite number in [0, 1), got 1.5"),
+])
+def test_bad_runner_value_is_refused(dataset, tmp_path, capsys, param, expected):
+    run_dir = tmp_path / "run"
+    code, err = _main(_argv(run_dir, f"--dataset={dataset}", params=[*PARAMS, param]), capsys)
+    assert code == 2, err[-2000:]
+    lines = err[err.index("error: "):].splitlines()
+    assert len(lines) == 1 and expected in lines[0], err[-2000:]
+    assert "In call to configurable" not in err and "Traceback" not in err
+    assert not run_dir.exists()
