@@ -67,7 +67,8 @@ def test_fragment_trains(fragment, tmp_path):
 
 
 @pytest.mark.parametrize("full, ac, pi", [(0.5, 0.0, 0.0), (0.0, 1.5, 0.25), (0.0, 0.0, 3.0),
-                                          (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)])
+                                          pytest.param(1.0, 1.0, 1.0, marks=pytest.mark.slow),
+                                          (0.0, 0.0, 0.0)])
 def test_any_update_schedule_runs_without_truncation(tmp_path, full, ac, pi):
     runner, losses, _ = run_short(tmp_path, params=[
         f"OnlineRunner.utd_ratio = {full}", f"OnlineRunner.actor_critic_updates = {ac}",

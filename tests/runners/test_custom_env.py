@@ -57,7 +57,8 @@ def test_example_gin_files_build(path, tmp_path):
 
 @pytest.mark.parametrize("gin_file, marker", [
     ("gin/examples/custom_env.gin", "GymnasiumVecEnv.env = %TASK"),
-    ("gin/examples/custom_env_factory.gin", "GymnasiumVecEnv.env = @point_reach_factory"),
+    pytest.param("gin/examples/custom_env_factory.gin",
+                 "GymnasiumVecEnv.env = @point_reach_factory", marks=pytest.mark.slow),
 ], ids=["registered_id", "factory"])
 def test_custom_env_trains_and_evaluates(tmp_path, gin_file, marker):
     run_dir = tmp_path / "run"

@@ -192,6 +192,7 @@ def test_mp4_round_trip_is_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "b.mp4"]
 
 
+@pytest.mark.slow  # long: run by .ci/run's second pass (-m 'slow or slurm or ray')
 def test_envpool_run_records_videos_with_dm_control(tmp_path):
     """envpool cannot render: videos of an envpool run come from rlcore.dmc on the same task."""
     pytest.importorskip("envpool")

@@ -258,6 +258,7 @@ def test_rerun_skips_finished_cells(local_grid):
     assert {n: _snapshot(gdir / n) for n in good} == good
 
 
+@pytest.mark.slow  # long: run by .ci/run's second pass (-m 'slow or slurm or ray')
 def test_interrupted_cell_resumes_from_its_checkpoint(local_grid):
     """A run dir with a checkpoint but no final one (as a killed grid leaves it) resumes."""
     path, gdir, _, _ = local_grid

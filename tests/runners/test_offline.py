@@ -201,6 +201,7 @@ def test_resume_is_exact(dataset, tmp_path):
     _assert_same(a, b)  # agent, optimizers, samplers, counters, RNG states
 
 
+@pytest.mark.slow  # long: run by .ci/run's second pass (-m 'slow or slurm or ray')
 def test_killed_run_resumes(dataset, tmp_path):
     """kill -9 after the first checkpoint; the same command resumes from it and finishes."""
     run_dir = tmp_path / "run"

@@ -127,6 +127,7 @@ def test_list_components():
     assert "@envs.EnvpoolVecEnv" in proc.stdout
 
 
+@pytest.mark.slow  # long: run by .ci/run's second pass (-m 'slow or slurm or ray')
 def test_killed_run_resumes(tmp_path):
     """kill -9 after the first checkpoint; the same command resumes from it and finishes."""
     run_dir = tmp_path / "run"
