@@ -163,3 +163,26 @@ def pytest_sessionfinish(session):
         import shutil
 
         shutil.rmtree(session.config.stash[_learning_dir], ignore_errors=True)
+
+
+def signal_after_first_checkpoint(cmd, run_dir, sig, stderr_path, *, cwd, env):
+    """Start a runner process, send it `sig` once its first complete checkpoint exists,
+    and return (exit code, stderr text, the newest complete checkpoint's directory)."""
+    import subprocess
+    import time
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+
+    def complete():
+        return sorted(p for p in ckpt_dir.glob("step_*") if (p / "COMPLETE").exists())
+
+    with open(stderr_path, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=f)
+        deadline = time.time() + 240
+        while time.time() < deadline and not complete():
+            time.sleep(0.1)
+        os.kill(proc.pid, sig)
+        rc = proc.wait(timeout=120)
+    stderr = Path(stderr_path).read_text()
+    assert "Traceback" not in stderr
+    return rc, stderr, complete()[-1]

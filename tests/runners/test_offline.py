@@ -26,6 +26,7 @@ pytest.importorskip("envpool")
 from components.replay.hdf5 import HDF5EpisodeDataset, write_episodes  # noqa: E402
 from rlcore.config import load_gin  # noqa: E402
 from rlcore.types import EnvSpec  # noqa: E402
+from tests.conftest import signal_after_first_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
@@ -321,21 +322,9 @@ def test_sigterm_checkpoints_and_exits(dataset, tmp_path):
               "OfflineRunner.checkpoint_every = 10", "OfflineRunner.eval_every = 0",
               "OfflineRunner.eval_episodes = 0", "OfflineRunner.validation_every = 0"]
     cmd = _offline_cmd(run_dir, f"--dataset={dataset}", params=params)
-    err = tmp_path / "stderr.txt"
-    with open(err, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=f)
-        ckpt_dir = run_dir / "checkpoints"
-        deadline = time.time() + 240
-        while time.time() < deadline and not (
-                ckpt_dir.exists() and any((p / "COMPLETE").exists()
-                                          for p in ckpt_dir.glob("step_*"))):
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGTERM)
-        rc = proc.wait(timeout=120)
-    stderr = err.read_text()
+    rc, stderr, last = signal_after_first_checkpoint(
+        cmd, run_dir, signal.SIGTERM, tmp_path / "stderr.txt", cwd=ROOT, env=ENV)
     assert rc == 143, stderr[-3000:]
-    assert "Traceback" not in stderr
-    last = sorted(p for p in ckpt_dir.glob("step_*") if (p / "COMPLETE").exists())[-1]
     step = int(last.name.split("_")[1])
     line = [ln for ln in stderr.splitlines() if ln.startswith("stopped by SIGTERM")]
     assert len(line) == 1 and line[0].startswith(f"stopped by SIGTERM at update {step}:")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import signal_after_first_checkpoint
+
 pytest.importorskip("envpool")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -237,22 +239,9 @@ def test_signal_checkpoints_and_exits(tmp_path, sig, code):
              "--gin_param=OnlineRunner.eval_every = 0",
              "--gin_param=OnlineRunner.eval_episodes = 0"]
     env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
-    err = tmp_path / "stderr.txt"
-    with open(err, "w") as f:
-        proc = subprocess.Popen(_cmd(run_dir, *extra), cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=f)
-        ckpt_dir = run_dir / "checkpoints"
-        deadline = time.time() + 240
-        while time.time() < deadline and not (
-                ckpt_dir.exists() and any((p / "COMPLETE").exists()
-                                          for p in ckpt_dir.glob("step_*"))):
-            time.sleep(0.1)
-        os.kill(proc.pid, sig)
-        rc = proc.wait(timeout=120)
-    stderr = err.read_text()
+    rc, stderr, last = signal_after_first_checkpoint(
+        _cmd(run_dir, *extra), run_dir, sig, tmp_path / "stderr.txt", cwd=ROOT, env=env)
     assert rc == code, stderr[-3000:]
-    assert "Traceback" not in stderr
-    last = sorted(p for p in ckpt_dir.glob("step_*") if (p / "COMPLETE").exists())[-1]
     step = int(last.name.split("_")[1])
     line = [ln for ln in stderr.splitlines() if ln.startswith("stopped by")]
     assert len(line) == 1 and line[0].startswith(f"stopped by {sig.name} at env step {step} ")
