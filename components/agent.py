@@ -14,31 +14,30 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
+import torch._dynamo
 import torch.nn as nn
 from tensordict import TensorDict
 
 from components.losses import RunningScale
 from rlcore import math as rmath
+from rlcore import optim as roptim
 from rlcore.registry import register
 from rlcore.types import ACTION, OBS, REWARD, TERMINATED, EnvSpec
 
 PATHWAYS = ("full", "actor_critic", "policy")
 
 
-def _sum_losses(td: TensorDict) -> torch.Tensor:
-    terms = [v for k, v in td.items() if k.startswith("loss_")]
+def _sum_losses(terms) -> torch.Tensor:
+    """The sum of the `loss_*` entries of a TensorDict or dict."""
+    terms = [v for k, v in terms.items() if k.startswith("loss_")]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def compile_networks(model: nn.Module, *, mode: str | None = None,
-                     options: dict[str, Any] | None = None) -> None:
-    """Compile each network of `model` (its direct submodules) in place."""
-    import torch._dynamo
-
-    # Planning, evaluation and updates call the same networks on several batch shapes.
+def _configure_dynamo() -> None:
+    # Acting, evaluation and the update pathways trace several graphs each.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for module in model.children():
-        module.compile(mode=mode, options=options)
+    # Trace `backward()` into the update's graph instead of breaking the graph there.
+    torch._dynamo.config.trace_autograd_ops = True
 
 
 def _merge(*tds: TensorDict) -> TensorDict:
@@ -67,19 +66,20 @@ class TDMPC2Agent:
         mpc: act with the planner (True) or the policy prior alone (False).
         grad_log_every: every this many updates, add per-loss, per-module-group gradient
             norms to the metrics (extra backward passes; 0 disables).
-        fused_optimizer: run Adam as one fused kernel per step (same update as the
-            per-parameter loop, within float tolerance; several times faster on CPU).
-        compile: compile every network of the world model with `torch.compile` (each
-            module in place, so parameter names and checkpoints are unchanged), the
-            planner's whole search as one graph (its `compile()`, where it has one), and
-            each update's model-side and policy losses as one graph each. The first
-            calls are slow.
+        fused_optimizer: run Adam as one fused kernel per step in eager mode (same update
+            as the per-parameter loop, within float tolerance; several times faster on CPU).
+        compile: compile a whole acting call (encoder, every planning iteration, the
+            action) and a whole update (losses, backward, clipping, both optimizer steps,
+            target and EMA copies, running scale) with `torch.compile`, one graph each per
+            batch shape and pathway, with no graph break. Parameter names and checkpoints
+            are unchanged. The first calls are slow.
         compile_options: inductor options for every compiled graph. The compile preset
             sets `fallback_random`, so compiled code draws from eager PyTorch's
             generator and a seed gives eager's outputs, within float tolerance.
-        cuda_graphs: with `compile`, also capture the compiled networks as CUDA graphs
-            (torch.compile's `reduce-overhead` mode), removing per-kernel launch cost.
-            Needs a CUDA device.
+        cuda_graphs: with `compile`, also capture those graphs as CUDA graphs
+            (torch.compile's `reduce-overhead` mode), removing per-kernel launch cost. What
+            they update in place (parameters, optimizer state, running scale, the
+            planner's warm-start means) keeps its address. Needs a CUDA device.
         compile_cpp_wrapper: with `compile` on CPU, inductor writes each graph's wrapper
             (the code that calls its kernels and products) in C++ instead of Python
             (inductor's `cpp_wrapper` option): less time between kernels, most
@@ -119,7 +119,14 @@ class TDMPC2Agent:
         self.grad_log_every = grad_log_every
         self.num_updates = 0
         groups = self.model.module_groups()
-        fused = {"fused": True} if fused_optimizer and self.device.type in ("cpu", "cuda") else {}
+        # Eager: torch's fused Adam kernel. Compiled: the foreach form, which inductor fuses
+        # into the update's graph (its step counters on the device, as CUDA graphs need).
+        if compile:
+            fused = {"foreach": True, "capturable": True}
+        elif fused_optimizer and self.device.type in ("cpu", "cuda"):
+            fused = {"fused": True}
+        else:
+            fused = {}
         self.model_optim = torch.optim.Adam([
             {"params": groups["encoder"].parameters(), "lr": lr * enc_lr_scale},
             *({"params": m.parameters()} for name, m in groups.items()
@@ -127,13 +134,15 @@ class TDMPC2Agent:
         ], lr=lr, **fused)
         self.pi_optim = torch.optim.Adam(groups["policy"].parameters(), lr=lr, eps=policy_eps,
                                          **fused)
+        for optim in (self.model_optim, self.pi_optim):
+            roptim.init_adam_state(optim)
         self.scale = RunningScale(scale_tau, device=self.device)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"TDMPC2Agent.cuda_graphs needs a CUDA device, but the agent runs "
                              f"on {self.device}; set TDMPC2Agent.cuda_graphs = False (or run "
                              "on a GPU)")
         if cuda_graphs and not compile:
-            raise ValueError("TDMPC2Agent.cuda_graphs captures the compiled networks; set "
+            raise ValueError("TDMPC2Agent.cuda_graphs captures the compiled graphs; set "
                              "TDMPC2Agent.compile = True as well")
         if compile_cpp_wrapper and not compile:
             raise ValueError("TDMPC2Agent.compile_cpp_wrapper changes how compiled graphs are "
@@ -143,6 +152,7 @@ class TDMPC2Agent:
                              f"tested there only), but the agent runs on {self.device}; "
                              "set TDMPC2Agent.compile_cpp_wrapper = False")
         self.cuda_graphs, self.compile_cpp_wrapper = cuda_graphs, compile_cpp_wrapper
+        self.compiled = compile
         if compile:
             # torch.compile takes a mode or options, not both: reduce-overhead is the
             # option triton.cudagraphs
@@ -151,29 +161,27 @@ class TDMPC2Agent:
                 options["triton.cudagraphs"] = True
             if compile_cpp_wrapper:
                 options["cpp_wrapper"] = True
-            mode, options = None, options or None
-            compile_networks(self.model, mode=mode, options=options)
-            # the policy graph updates the running scale in place: a static address lets
-            # CUDA graphs capture that graph (a mutated plain input makes them skip it)
-            torch._dynamo.mark_static_address(self.scale.value)
-            if hasattr(self.planner, "compile"):  # the whole search as one graph
-                self.planner.compile(mode=mode, options=options)
-            # each update's two loss computations as one graph each (forward and backward)
-            self._model_forward = torch.compile(self._model_forward, mode=mode,
-                                                options=options, dynamic=False)
-            self._policy_forward = torch.compile(self._policy_forward, mode=mode,
-                                                 options=options, dynamic=False)
+            _configure_dynamo()
+            self._act = torch.compile(self._act, options=options or None, dynamic=False,
+                                      fullgraph=True)
+            self._update = torch.compile(self._update, options=options or None, dynamic=False,
+                                         fullgraph=True)
+            self._mark_static_state()
         self.model.eval()
+
+    def _mark_static_state(self) -> None:
+        """The tensors the update graph changes in place keep their addresses (CUDA graphs
+        skip a graph that mutates an input whose address may change)."""
+        torch._dynamo.mark_static_address(self.scale.value)
+        for optim in (self.model_optim, self.pi_optim):
+            for state in optim.state.values():
+                for value in state.values():
+                    torch._dynamo.mark_static_address(value)
 
     def _step_begin(self) -> None:
         """A new step for CUDA graphs: outputs of earlier replays may be overwritten."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-
-    def _kept(self, terms: TensorDict) -> TensorDict:
-        """Detached loss terms to return; copies under CUDA graphs, whose outputs the next
-        step's replay overwrites."""
-        return terms.detach().clone() if self.cuda_graphs else terms.detach()
 
     # -- acting -----------------------------------------------------------------------
     @torch.no_grad()
@@ -182,12 +190,22 @@ class TDMPC2Agent:
         """One action per env, on the CPU.  obs [E, *obs], is_first [E] -> [E, A]."""
         self._step_begin()
         obs = obs.to(self.device, non_blocking=True)
-        z = self.model.encode(obs)  # [E, L]
-        if self.mpc if use_planner is None else use_planner:
-            a = self.planner.plan(z, is_first.to(self.device), eval_mode=eval_mode)
-        else:
-            a, _ = self.model.pi(z, deterministic=eval_mode, target=True)
+        use_planner = self.mpc if use_planner is None else use_planner
+        if not use_planner:
+            return self._act(obs, None, None, eval_mode)[0].cpu()
+        prev_mean = self.planner.warm_start(obs, eval_mode)
+        a, stats = self._act(obs, is_first.to(self.device), prev_mean, eval_mode)
+        self.planner.keep_stats(stats)
         return a.cpu()
+
+    def _act(self, obs, is_first, prev_mean, eval_mode: bool):
+        """Encode and plan (or, without `prev_mean`, take the policy prior's action): one
+        graph under `compile`.  -> (action [E, A], planner stats)."""
+        z = self.model.encode(obs)  # [E, L]
+        if prev_mean is None:
+            a, _ = self.model.pi(z, deterministic=eval_mode, target=True)
+            return a, {}
+        return self.planner.step(z, is_first, prev_mean, eval_mode)
 
     # -- losses -----------------------------------------------------------------------
     def _unpack(self, batch: TensorDict):
@@ -230,18 +248,6 @@ class TDMPC2Agent:
         zs, next_z = self._latents(obs, action, pathway)
         return zs, next_z, action, reward, terminated
 
-    def _model_forward(self, obs, action, reward, terminated, pathway: str):
-        """Latents zs and the model-side loss terms (a dict) of one update: one graph
-        under `compile`."""
-        zs, next_z = self._latents(obs, action, pathway)
-        terms = self._model_terms(pathway, zs, next_z, action, reward, terminated)
-        return zs, dict(terms.items())
-
-    def _policy_forward(self, zs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The policy terms of one update (updates the running scale): one graph under
-        `compile`."""
-        return dict(self.policy_loss(self.model, zs, self.scale).items())
-
     def losses(self, batch: TensorDict, pathway: str = "full", *,
                update_scale: bool = True) -> tuple[TensorDict, TensorDict]:
         """(model-side terms, policy terms) for one batch on one pathway, without stepping."""
@@ -257,44 +263,60 @@ class TDMPC2Agent:
         if pathway not in PATHWAYS:
             raise ValueError(f"unknown update pathway {pathway!r}; expected one of {PATHWAYS}")
         self._step_begin()
-        self.model.train()
         obs, action, reward, terminated = self._unpack(batch)
         out: dict[str, torch.Tensor] = {}
-        # Model / value update
-        if pathway == "policy":
-            zs, _ = self._latents(obs, action, pathway)
-        else:
-            zs, terms = self._model_forward(obs, action, reward, terminated, pathway)
-            model_terms = TensorDict(terms, batch_size=[])
-            model_total = _sum_losses(model_terms)
-            if self.grad_log_every and self.num_updates % self.grad_log_every == 0:
-                out.update(self._grad_norms(model_terms))
-            self.model_optim.zero_grad(set_to_none=True)
-            model_total.backward()
-            out["stats/grad_norm_model"] = nn.utils.clip_grad_norm_(
-                self.model.model_parameters(), self.grad_clip_norm).detach()
-            self.model_optim.step()
-            out.update(self._kept(model_terms).to_dict())
-            out["loss_total"] = model_total.detach()
-        # Policy update
-        pi_terms = TensorDict(self._policy_forward(zs), batch_size=[])
-        self.pi_optim.zero_grad(set_to_none=True)
-        _sum_losses(pi_terms).backward()
-        out["stats/grad_norm_policy"] = nn.utils.clip_grad_norm_(
-            self.model.module_groups()["policy"].parameters(), self.grad_clip_norm).detach()
-        self.pi_optim.step()
-        out.update(self._kept(pi_terms).to_dict())
-        # Target and EMA copies
-        groups = ["policy"] if pathway == "policy" else None
-        self.model.soft_update_targets(self.tau, groups)
+        self.model.train()
+        if (pathway != "policy" and self.grad_log_every
+                and self.num_updates % self.grad_log_every == 0):
+            out.update(self._grad_norms(obs, action, reward, terminated, pathway))
+        terms = self._update(obs, action, reward, terminated, pathway)
         self.model.eval()
+        # copies under CUDA graphs, whose outputs the next step's replay overwrites
+        out.update({k: v.clone() if self.cuda_graphs else v for k, v in terms.items()})
         self.num_updates += 1
         if self.reset_strategy is not None and self.reset_strategy(self, self.num_updates):
             out["stats/reset"] = torch.ones(())
         return TensorDict(out, batch_size=[])
 
-    def _grad_norms(self, terms: TensorDict) -> dict[str, torch.Tensor]:
-        """Gradient norm of each loss term with respect to each module group."""
+    def _update(self, obs, action, reward, terminated, pathway: str) -> dict[str, torch.Tensor]:
+        """The model / value step, the policy step and the target copies: one graph under
+        `compile`.  -> detached loss terms and gradient norms."""
+        out: dict[str, torch.Tensor] = {}
+        # Model / value update
+        zs, next_z = self._latents(obs, action, pathway)
+        if pathway != "policy":
+            # plain dicts of tensors: no object escapes the graph holding what backward frees
+            terms = self._model_terms(pathway, zs, next_z, action, reward, terminated).to_dict()
+            model_total = _sum_losses(terms)
+            model_params = self.model.model_parameters()
+            roptim.zero_grads(model_params)
+            model_total.backward()
+            out["stats/grad_norm_model"] = nn.utils.clip_grad_norm_(
+                model_params, self.grad_clip_norm).detach()
+            roptim.adam_step(self.model_optim)
+            out.update({k: v.detach() for k, v in terms.items()})
+            out["loss_total"] = model_total.detach()
+        # Policy update (on the rollout's latents, detached by the policy loss)
+        pi_terms = self.policy_loss(self.model, zs, self.scale).to_dict()
+        pi_params = list(self.model.module_groups()["policy"].parameters())
+        roptim.zero_grads(pi_params)
+        _sum_losses(pi_terms).backward()
+        out["stats/grad_norm_policy"] = nn.utils.clip_grad_norm_(
+            pi_params, self.grad_clip_norm).detach()
+        roptim.adam_step(self.pi_optim)
+        out.update({k: v.detach() for k, v in pi_terms.items()})
+        # Target and EMA copies
+        groups = ["policy"] if pathway == "policy" else None
+        self.model.soft_update_targets(self.tau, groups)
+        return out
+
+    def _grad_norms(self, obs, action, reward, terminated, pathway: str) -> dict[str, torch.Tensor]:
+        """Gradient norm of each model-side loss term with respect to each module group,
+        from the update's own forward pass (the same random draws: the generator's state
+        is restored afterwards, so the update that follows is unchanged)."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            zs, next_z = self._latents(obs, action, pathway)
+            terms = self._model_terms(pathway, zs, next_z, action, reward, terminated)
         groups = {n: [p for p in m.parameters() if p.requires_grad]
                   for n, m in self.model.module_groups().items() if n != "policy"}
         out = {}
@@ -329,12 +351,8 @@ class TDMPC2Agent:
     def on_reset(self, params: Sequence[nn.Parameter], groups: Sequence[str]) -> None:
         """After a reset: clear the touched parameters' optimizer moments, re-sync the
         target/EMA copies of the reset groups and reset the running scale."""
-        touched = {id(p) for p in params}
         for optim in (self.model_optim, self.pi_optim):
-            for group in optim.param_groups:
-                for p in group["params"]:
-                    if id(p) in touched and p in optim.state:
-                        del optim.state[p]
+            roptim.reset_adam_state(optim, params)
         self.model.sync_copies(groups)
         self.scale.reset()
 
@@ -349,8 +367,10 @@ class TDMPC2Agent:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.model_optim.load_state_dict(state["model_optim"])
-        self.pi_optim.load_state_dict(state["pi_optim"])
+        for optim, key in ((self.model_optim, "model_optim"), (self.pi_optim, "pi_optim")):
+            roptim.load_adam_state(optim, state[key])
+        if self.compiled:
+            self._mark_static_state()
         self.scale.load_state_dict(state["scale"])
         self.planner.load_state_dict(state["planner"])
         self.num_updates = state.get("num_updates", 0)

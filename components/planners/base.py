@@ -19,6 +19,13 @@ import torch
 from rlcore import checks
 
 
+def _mark_static(t: torch.Tensor) -> None:
+    """Tell torch.compile that `t` keeps its address (a CUDA graph may update it in place)."""
+    import torch._dynamo
+
+    torch._dynamo.mark_static_address(t)
+
+
 class PopulationPlanner:
     """Shared sampling, scoring, warm start and action selection.
 
@@ -75,16 +82,23 @@ class PopulationPlanner:
         return {"prev_mean": {k: v.clone() for k, v in self._prev_mean.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._prev_mean = {k: v.clone() for k, v in state["prev_mean"].items()}
+        for stream, mean in state["prev_mean"].items():
+            E, device = mean.shape[0], mean.device
+            self._warm_start_buffer(stream, E, device).copy_(mean)
 
-    def _warm_start(self, stream: str, is_first: torch.Tensor, E: int, device) -> torch.Tensor:
-        """Previous mean shifted by one step (zero tail), cleared where is_first."""
-        prev = self._prev_mean.get(stream)
-        mean = torch.zeros(E, self.horizon, self.action_dim, device=device)  # [E, H, A]
-        if prev is not None and prev.shape == mean.shape:
-            mean[:, :-1] = prev[:, 1:]
-            mean = mean * (~is_first.to(device)).view(E, 1, 1).to(mean.dtype)
-        return mean
+    def _warm_start_buffer(self, stream: str, E: int, device) -> torch.Tensor:
+        """The stream's warm-start mean [E, H, A], zeros when new (or when E changed).
+
+        Planning updates it in place, so its address never changes: a compiled planning
+        call (and a CUDA graph of it) reads and writes the same tensor on every call.
+        """
+        buf = self._prev_mean.get(stream)
+        shape = (E, self.horizon, self.action_dim)
+        if buf is None or buf.shape != shape or buf.device != torch.device(device):
+            buf = torch.zeros(shape, device=device)
+            _mark_static(buf)
+            self._prev_mean[stream] = buf
+        return buf
 
     # -- scoring ----------------------------------------------------------------------
     @torch.no_grad()
@@ -137,27 +151,39 @@ class PopulationPlanner:
         raise NotImplementedError
 
     # -- planning ---------------------------------------------------------------------
-    def compile(self, *, mode: str | None = None,
-                options: dict[str, Any] | None = None) -> None:
-        """Compile the search (every iteration, the scoring rollouts, the refits and the
-        action selection) with `torch.compile` as one graph per batch shape and mode.
-
-        One graph lets inductor fuse the elementwise work between the networks' matrix
-        products and removes the per-network call overhead. The first call per shape
-        compiles (about a minute for dog-run's 5M model on a 2-core CPU).
-        """
-        self._search = torch.compile(self._search, mode=mode, options=options, dynamic=False)
-
     @torch.no_grad()
     def plan(self, z: torch.Tensor, is_first: torch.Tensor, *, eval_mode: bool = False) -> torch.Tensor:
-        stream = "eval" if eval_mode else "train"
-        mean = self._warm_start(stream, is_first, z.shape[0], z.device)  # [E, H, A]
-        a, mean, stats = self._search(z, mean, eval_mode)
-        # Copies: under CUDA graphs the search's outputs live in buffers its next replay
-        # overwrites, and these are read after it.
-        self._prev_mean[stream] = mean.clone()
-        self.last_stats = {k: v.clone() for k, v in stats.items()}
+        """One action per env.  z [E, L], is_first [E] -> [E, A]; stats in `last_stats`."""
+        a, stats = self.step(z, is_first.to(z.device), self.warm_start(z, eval_mode), eval_mode)
+        self.keep_stats(stats)
         return a
+
+    def warm_start(self, z: torch.Tensor, eval_mode: bool) -> torch.Tensor:
+        """The warm-start mean buffer `step` reads and updates for this batch of envs (one
+        per stream: "train" / "eval")."""
+        return self._warm_start_buffer("eval" if eval_mode else "train", z.shape[0], z.device)
+
+    def keep_stats(self, stats: dict[str, torch.Tensor]) -> None:
+        # Copies: under CUDA graphs a graph's outputs live in buffers its next replay
+        # overwrites.
+        self.last_stats = {k: v.clone() for k, v in stats.items()}
+
+    @staticmethod
+    def _shift(prev_mean: torch.Tensor, is_first: torch.Tensor) -> torch.Tensor:
+        """The warm start: the previous mean shifted by one step (zero tail), cleared where
+        an episode starts.  [E, H, A], is_first [E] -> [E, H, A]."""
+        mean = torch.cat([prev_mean[:, 1:], torch.zeros_like(prev_mean[:, :1])], dim=1)
+        return mean * (~is_first).view(-1, 1, 1).to(mean.dtype)
+
+    @torch.no_grad()
+    def step(self, z: torch.Tensor, is_first: torch.Tensor, prev_mean: torch.Tensor,
+             eval_mode: bool):
+        """A planning call on tensors alone (one graph under torch.compile): shift the
+        previous mean by one step (zero tail, cleared where is_first), search, and store
+        the final mean in `prev_mean` in place.  -> (action [E, A], stats)."""
+        a, mean, stats = self._search(z, self._shift(prev_mean, is_first), eval_mode)
+        prev_mean.copy_(mean)
+        return a, stats
 
     def _search(self, z: torch.Tensor, mean: torch.Tensor, eval_mode: bool):
         """Iterate from the warm-start mean.  -> (action [E, A], final mean, stats)."""

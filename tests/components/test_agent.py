@@ -202,13 +202,13 @@ def test_mpc_false_acts_with_the_policy(tiny_agent_factory, monkeypatch):
 def test_mpc_true_acts_with_the_planner(tiny_agent_factory, monkeypatch):
     agent = tiny_agent_factory(SPEC)
     calls = []
-    real_plan = agent.planner.plan
+    real_step = agent.planner.step
 
-    def spy(z, is_first, *, eval_mode=False):
+    def spy(z, is_first, prev_mean, eval_mode):
         calls.append((z.shape, is_first.clone(), eval_mode))
-        return real_plan(z, is_first, eval_mode=eval_mode)
+        return real_step(z, is_first, prev_mean, eval_mode)
 
-    monkeypatch.setattr(agent.planner, "plan", spy)
+    monkeypatch.setattr(agent.planner, "step", spy)
     is_first = torch.tensor([True, False, True])
     agent.act(torch.randn(E, D), is_first, eval_mode=True)
     assert len(calls) == 1
@@ -234,3 +234,18 @@ def test_optimizer_groups(tiny_agent_factory):
     assert not model_ids & pi_ids
     assert agent.pi_optim.param_groups[0]["eps"] == pytest.approx(1e-5)
     assert agent.pi_optim.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_loaded_state_is_a_copy(tiny_agent_factory):
+    """An agent loaded from another's state_dict shares no tensor with it: the other's
+    later updates leave it unchanged (optimizer moments included)."""
+    torch.manual_seed(0)
+    a = tiny_agent_factory(SPEC)
+    a.update(make_batch(seed=0))
+    b = tiny_agent_factory(SPEC)
+    b.load_state_dict(a.state_dict())
+    before = {k: v.clone() for k, v in b.model_optim.state_dict()["state"][0].items()}
+    a.update(make_batch(seed=1))
+    after = b.model_optim.state_dict()["state"][0]
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed with the other agent's update"

@@ -189,24 +189,35 @@ def test_cuda_graphs_need_cuda_and_compile():
             _agent("cuda", cuda_graphs=True)
 
 
-def test_planning_and_update_losses_trace_without_graph_breaks():
-    """The compiled pieces (the planner's whole search, the update's model-side and policy
-    losses) each trace as one graph: a graph break would split them and run the rest
-    eagerly. Five Q members, so the member draw is traced too."""
+@pytest.mark.parametrize("pathway", ["full", "actor_critic", "policy"])
+def test_acting_and_updates_trace_as_one_graph_each(pathway):
+    """A whole acting call (encoder, every planning iteration, the action) and a whole
+    update (losses, backward, clipping, both Adam steps, target copies, running scale)
+    each trace as one graph: a graph break would split them and run the rest eagerly, and
+    a host-device sync (`.item()`, branching on a tensor) would be one. Five Q members, so
+    the member draw is traced too."""
+    import functools
+
     import torch._dynamo
 
+    from components.agent import TDMPC2Agent
     from tests.components.test_agent import make_batch
 
-    agent = _agent("cpu", num_q=5)
-    z = agent.model.encode(torch.randn(SPEC.num_envs, 5))
-    mean = torch.zeros(SPEC.num_envs, agent.planner.horizon, SPEC.action_dim)
+    compiled = _agent("cpu", num_q=5, **COMPILE)  # its optimizers and dynamo settings
+    obs, is_first = torch.randn(SPEC.num_envs, 5), torch.tensor([True, False, True])
+
+    def one_graph(method, *args):  # traces the method itself, not its compiled wrapper
+        found = torch._dynamo.explain(functools.partial(method, compiled))(*args)
+        assert (found.graph_count, found.graph_break_count) == (1, 0), found.break_reasons
+
     with torch.no_grad():
-        found = torch._dynamo.explain(agent.planner._search)(z, mean, False)
-    assert (found.graph_count, found.graph_break_count) == (1, 0), found.break_reasons
-    obs, action, reward, terminated = agent._unpack(make_batch(seed=0))
-    agent.model.train()
-    found = torch._dynamo.explain(agent._model_forward)(obs, action, reward, terminated, "full")
-    assert (found.graph_count, found.graph_break_count) == (1, 0), found.break_reasons
-    zs, _ = agent._model_forward(obs, action, reward, terminated, "full")
-    found = torch._dynamo.explain(agent._policy_forward)(zs)
-    assert (found.graph_count, found.graph_break_count) == (1, 0), found.break_reasons
+        for eval_mode in (False, True):
+            one_graph(TDMPC2Agent._act, obs, is_first,
+                      compiled.planner.warm_start(obs, eval_mode), eval_mode)
+        one_graph(TDMPC2Agent._act, obs, None, None, False)  # the policy prior alone
+    batch = compiled._unpack(make_batch(seed=0))
+    compiled.model.train()
+    before = [p.detach().clone() for p in compiled.model.parameters()]
+    one_graph(TDMPC2Agent._update, *batch, pathway)
+    moved = sum(not torch.equal(p, q) for p, q in zip(compiled.model.parameters(), before))
+    assert moved > 0, "the traced update changed no parameter"

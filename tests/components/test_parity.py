@@ -41,7 +41,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from components.agent import TDMPC2Agent
 from components.dynamics import MLPDynamics
@@ -50,6 +49,7 @@ from components.heads import DiscreteRegressionHead, EnsembleQHead, TanhGaussian
 from components.losses import PolicyLoss, WorldModelLoss
 from components.planners.mppi import MPPIPlanner
 from components.world_model import WorldModel
+from rlcore import optim as roptim
 from rlcore.types import ACTION, OBS, REWARD, TERMINATED, EnvSpec
 
 
@@ -358,18 +358,21 @@ def _optimizer_grads(model):
     names = {id(p): n for n, p in model.named_parameters()}
     grads: dict[str, torch.Tensor] = {}
 
-    def hook(optimizer, args, kwargs):
+    step = roptim.adam_step
+
+    def recording_step(optimizer):
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None and id(p) in names:
                     assert names[id(p)] not in grads, f"{names[id(p)]} stepped twice"
                     grads[names[id(p)]] = p.grad.detach().clone()
+        step(optimizer)
 
-    handle = register_optimizer_step_pre_hook(hook)
+    roptim.adam_step = recording_step
     try:
         yield grads
     finally:
-        handle.remove()
+        roptim.adam_step = step
 
 
 # -- the sections -----------------------------------------------------------------------

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensordict import TensorDict
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+
 
 from components.agent import TDMPC2Agent
 from components.dynamics import MLPDynamics
@@ -47,6 +47,7 @@ from components.planners.cem import CEMPlanner
 from components.planners.mppi import MPPIPlanner
 from components.resets import ShrinkPerturb
 from components.world_model import WorldModel
+from rlcore import optim as roptim
 from rlcore.types import ACTION, OBS, REWARD, TERMINATED, EnvSpec
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "pinned.pt"
@@ -118,7 +119,9 @@ def gradient_norms(model):
     names = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, torch.Tensor] = {}
 
-    def hook(optimizer, args, kwargs):
+    step = roptim.adam_step
+
+    def recording_step(optimizer):
         for group in optimizer.param_groups:
             for p in group["params"]:
                 name = names.get(id(p))
@@ -127,12 +130,13 @@ def gradient_norms(model):
                 assert name not in out, f"{name} stepped twice"
                 g = torch.zeros_like(p) if p.grad is None else p.grad.detach()
                 out[name] = g.flatten(1).norm(dim=1) if g.dim() > 1 else g.norm().reshape(1)
+        step(optimizer)
 
-    handle = register_optimizer_step_pre_hook(hook)
+    roptim.adam_step = recording_step
     try:
         yield out
     finally:
-        handle.remove()
+        roptim.adam_step = step
 
 
 def _flatten(prefix: str, value, out: dict[str, torch.Tensor]) -> None:

@@ -138,15 +138,15 @@ def test_warm_start_shift_and_reset(kind, model):
     assert prev.shape == (E, H, A)
     assert prev.abs().sum() > 0
     is_first = torch.tensor([False, True, False])
-    mean = planner._warm_start("train", is_first, E, z.device)
+    mean = planner._shift(prev, is_first)
     assert mean.shape == (E, H, A)
     keep = ~is_first
     torch.testing.assert_close(mean[keep, :-1], prev[keep, 1:])  # shifted by one step
     assert (mean[keep, -1] == 0).all()  # zero tail
     assert (mean[is_first] == 0).all()  # cleared where an episode starts
     # Nothing stored yet for a stream, or a different number of envs: a zero mean.
-    assert (planner._warm_start("eval", torch.zeros(E, dtype=torch.bool), E, z.device) == 0).all()
-    assert (planner._warm_start("train", torch.zeros(2, dtype=torch.bool), 2, z.device) == 0).all()
+    assert (planner.warm_start(z, eval_mode=True) == 0).all()
+    assert (planner.warm_start(z[:2], eval_mode=False) == 0).all()
 
 
 @PLANNERS
