@@ -401,6 +401,35 @@ def test_summary_plots_png_with_reference_curves(synthetic, tmp_path):
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[0].stat().st_size > 10_000
 
 
+def test_plot_band_is_min_to_max_over_seeds(synthetic, tmp_path, monkeypatch):
+    """The shaded band of each curve runs from the lowest to the highest seed (not mean ± std),
+    for our runs and the published ones alike; the line is the mean."""
+    import matplotlib.axes
+
+    gdir, ref = synthetic
+    bands, lines = {}, {}
+    real_fill, real_plot = matplotlib.axes.Axes.fill_between, matplotlib.axes.Axes.plot
+
+    def fake_plot(ax, x, y, *args, label=None, **kwargs):
+        lines[label.split(" (")[0] if "published" not in label else "tdmpc2"] = list(y)
+        return real_plot(ax, x, y, *args, label=label, **kwargs)
+
+    def fake_fill(ax, x, y1, y2, **kwargs):
+        bands[len(bands)] = (list(x), list(y1), list(y2))
+        return real_fill(ax, x, y1, y2, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", fake_plot)
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", fake_fill)
+    plot_dir = tmp_path / "plots"
+    plot.plot_curves(plot.scan(gdir), plot_dir, plot.load_reference(ref, {"cartpole-balance"}),
+                     max_step=3000)
+    # conditions in order (aux=off, aux=on), then the published tdmpc2 curves
+    assert bands[0] == ([1000, 2000], [5.0, 50.0], [7.0, 50.0])
+    assert bands[1] == ([1000, 2000], [10.0, 100.0], [20.0, 200.0])
+    assert bands[2] == ([0, 1500, 3000], [100.0, 300.0, 900.0], [200.0, 500.0, 950.0])
+    assert lines["aux=on"] == [15.0, 150.0] and lines["tdmpc2"] == [150.0, 400.0, 925.0]
+
+
 def test_grid_summarize_flag(synthetic, tmp_path, capsys):
     gdir, ref = synthetic
     path = tmp_path / "synth.gin"
@@ -412,12 +441,46 @@ def test_grid_summarize_flag(synthetic, tmp_path, capsys):
     assert "grid synth: 4/4 cells have results" in out
     assert "aux=on " in out and "15.0 ± 7.1 (2)" in out and "tdmpc2 (published)" in out
     assert (tmp_path / "png" / "cartpole-balance.png").exists()
+    # and the last evaluation of every run: its env step and return
+    last = out.split("last evaluation of each run")[1].splitlines()
+    assert re.fullmatch(r"task\s+condition\s+seed\s+env step\s+reward", last[1].strip())
+    assert [ln.split() for ln in last[3:7]] == [
+        ["cartpole-balance", "aux=off", "1", "2000", "50.0"],
+        ["cartpole-balance", "aux=off", "2", "1000", "7.0"],   # the lagging seed
+        ["cartpole-balance", "aux=on", "1", "2000", "100.0"],
+        ["cartpole-balance", "aux=on", "2", "2000", "200.0"]]
     # a missing reference dir is skipped with a note
     rc = grid_main.main([f"--gin_file={path}", "--summarize", f"--reference_dir={tmp_path / 'x'}",
                          f"--plot_dir={tmp_path / 'png2'}"])
     out = capsys.readouterr().out
     assert rc == 0 and "no published curves" in out and "(published)" not in out
     assert (tmp_path / "png2" / "cartpole-balance.png").exists()
+
+
+def test_summary_of_a_grid_with_a_task_axis(tmp_path, capsys):
+    """A task axis (as in gin/grids/paper_gpu.gin) names the task in each run dir; tables and
+    legends group runs by task already, so the condition drops that part, and cells are
+    matched to their results by run dir."""
+    gdir = tmp_path / "runs" / "tasks"
+    _write_run(gdir / "task=cartpole-balance,aux=on" / "seed=1", 1, [(1000, 10.0)])
+    _write_run(gdir / "task=cup-catch,aux=on" / "seed=1", 1, [(1000, 30.0)], task="cup-catch")
+    path = tmp_path / "tasks.gin"
+    path.write_text(f"include '{TINY}'\ngrid.name = 'tasks'\ngrid.root = '{gdir.parent}'\n"
+                    "grid.seeds = [1]\ngrid.axes = {'task': [\"TASK = 'cartpole-balance'\", "
+                    "\"TASK = 'cup-catch'\"], 'aux': ['gin/ablations/aux/on.gin', "
+                    "'gin/ablations/aux/off.gin']}\n")
+    rc = grid_main.main([f"--gin_file={path}", "--summarize", f"--reference_dir={tmp_path}",
+                         f"--plot_dir={tmp_path / 'png'}"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "grid tasks: 2/4 cells have results" in out
+    assert ("without results yet: task=cartpole-balance,aux=off/seed=1, "
+            "task=cup-catch,aux=off/seed=1") in out
+    assert {(c.task, c.condition) for c in plot.scan(gdir)} == {
+        ("cartpole-balance", "aux=on"), ("cup-catch", "aux=on")}
+    assert "task=" not in out.split("without results yet")[1].split("\n", 1)[1]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
+        "cartpole-balance.png", "cup-catch.png"]
 
 
 # --------------------------------------------------------------------------------------
