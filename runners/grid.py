@@ -60,10 +60,10 @@ def _summarize(grid: Grid, cells: Sequence[Cell], args) -> int:
         max_step = plot.parse_steps(args.max_step)[0] if args.max_step else None
     except ValueError as e:
         raise GridError(str(e)) from None
-    curves = [c for c in (plot.read_curve(cell.run_dir, cell.condition or grid.name, cell.seed)
-                          for cell in cells) if c is not None]
-    have = {(c.condition, c.seed) for c in curves}
-    missing = [cell.name for cell in cells if (cell.condition or grid.name, cell.seed) not in have]
+    found = [(cell, plot.read_curve(cell.run_dir, cell.condition or grid.name, cell.seed))
+             for cell in cells]
+    curves = [c for _, c in found if c is not None]
+    missing = [cell.name for cell, c in found if c is None]
     print(f"grid {grid.name}: {len(curves)}/{len(cells)} cells have results ({grid.directory})")
     if missing:
         print(f"  without results yet: {', '.join(missing)}")

@@ -78,6 +78,12 @@ def _job_label() -> str:
     return ""
 
 
+def _gpu_label() -> str:
+    """The GPUs this cell may use, as the scheduler set them (Slurm's gres, Ray's num_gpus)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f" | CUDA_VISIBLE_DEVICES={visible}" if visible is not None else ""
+
+
 def run_cell(task: CellTask, on_start: Callable[[subprocess.Popen], None] | None = None
              ) -> CellResult:
     """Run one cell's command, output appended to `<cell>/grid.log`; write DONE or FAILED.
@@ -97,7 +103,7 @@ def run_cell(task: CellTask, on_start: Callable[[subprocess.Popen], None] | None
         start = time.time()
         with open(task.log_path, "a") as log:
             log.write(f"=== grid cell {task.name} | host {host} | pid {os.getpid()}{_job_label()}"
-                      f" | {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                      f"{_gpu_label()} | {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                       f"$ cd {shlex.quote(task.cwd)} && {shell_join(['python', *task.argv])}\n")
             log.flush()
             proc = subprocess.Popen([sys.executable, *task.argv], cwd=task.cwd,

@@ -24,6 +24,8 @@ class RayExecutor(Executor):
             `auto`; None starts a local cluster bound to 127.0.0.1 for the grid's lifetime.
         max_workers: tasks in flight at once (None: all; Ray schedules by CPUs).
         threads_per_job: `num_cpus` of each task (default 1).
+        gpus_per_job: `num_gpus` of each task (0: none); Ray sets the task's
+            CUDA_VISIBLE_DEVICES to the GPUs it reserved, and the cell's runner inherits it.
         num_cpus: CPUs of the local cluster (None: this machine's).
         temp_dir: the local cluster's temp dir (None: Ray's default, /tmp/ray).
         connect_timeout_s: how long to try reaching `address` before giving up.
@@ -33,16 +35,23 @@ class RayExecutor(Executor):
     kind = "ray"
 
     def __init__(self, address: str | None = None, max_workers: int | None = None,
-                 threads_per_job: int | None = None, num_cpus: int | None = None,
-                 temp_dir: str | None = None, connect_timeout_s: float = 10.0,
-                 max_retries: int = 2):
+                 threads_per_job: int | None = None, gpus_per_job: float = 0,
+                 num_cpus: int | None = None, temp_dir: str | None = None,
+                 connect_timeout_s: float = 10.0, max_retries: int = 2):
         super().__init__(max_workers, threads_per_job)
+        if not isinstance(gpus_per_job, (int, float)) or gpus_per_job < 0:
+            raise GridError(f"RayExecutor.gpus_per_job must be a number >= 0, got {gpus_per_job!r}")
+        self.gpus_per_job = gpus_per_job
         self.address, self.num_cpus, self.temp_dir = address, num_cpus, temp_dir
         self.connect_timeout_s, self.max_retries = connect_timeout_s, max_retries
 
     def describe(self, num_cells: int) -> str:
         where = f"cluster at {self.address}" if self.address else "a local cluster on 127.0.0.1"
-        return f"ray, {self._cpus_per('task', num_cells)}, {where}"
+        return f"ray, {self._cpus_per('task', num_cells)}{self._gpus()}, {where}"
+
+    def _gpus(self) -> str:
+        g = self.gpus_per_job
+        return f", {g:g} GPU{'s' * (g != 1)} per task" if g else ""
 
     def _token_auth(self) -> None:
         """Ray >= 2.5x clusters use token auth when a token exists (`ray start` turns it on
@@ -99,7 +108,8 @@ class RayExecutor(Executor):
         ray = self._init()
         try:
             _, threads = self.resources(len(tasks))
-            remote = ray.remote(run_cell).options(num_cpus=threads, max_retries=self.max_retries)
+            remote = ray.remote(run_cell).options(num_cpus=threads, num_gpus=self.gpus_per_job,
+                                                  max_retries=self.max_retries)
             limit = self.max_workers or len(tasks)
             queue, in_flight = list(tasks), {}
             try:

@@ -52,7 +52,8 @@ class SlurmExecutor(Executor):
             `max_requeues` times) and resumes from its checkpoint.
         max_workers: array tasks running at once (Slurm's `%` array throttle).
         threads_per_job: `--cpus-per-task` of each job (default 1).
-        mem_gb, gpus_per_node: per-job resources (None / 0: not requested).
+        mem_gb, gpus_per_node: per-job resources (None / 0: not requested); each cell is
+            its own array job, so `gpus_per_node = 1` gives every cell one GPU.
         slurm_params: any other submitit SlurmExecutor parameter (`{'qos': 'high'}`).
         poll_s: seconds between job-state checks.
     """
@@ -78,7 +79,9 @@ class SlurmExecutor(Executor):
 
     def describe(self, num_cells: int) -> str:
         part = f", partition {self.partition}" if self.partition else ""
-        return f"slurm, one job array, {self._cpus_per('job', num_cells)}{part}"
+        g = self.gpus_per_node
+        gpus = f", {g} GPU{'s' * (g != 1)} per job" if g else ""
+        return f"slurm, one job array, {self._cpus_per('job', num_cells)}{gpus}{part}"
 
     def _folder(self) -> Path:
         if self.folder:
@@ -86,15 +89,12 @@ class SlurmExecutor(Executor):
         base = self.grid_dir or Path("runs")
         return base / "slurm" / time.strftime("%Y%m%d-%H%M%S")
 
-    def execute(self, tasks: list[CellTask], report: Report) -> None:
-        import submitit
-
-        _, threads = self.resources(len(tasks))
-        folder = self._folder()
-        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=self.max_requeues)
+    def job_parameters(self, num_cells: int) -> dict[str, Any]:
+        """submitit's SlurmExecutor parameters of the job array (its `#SBATCH` lines)."""
+        _, threads = self.resources(num_cells)
         params: dict[str, Any] = {
             "job_name": "grid", "time": self.timeout_min, "cpus_per_task": threads,
-            "array_parallelism": self.max_workers or len(tasks),
+            "array_parallelism": self.max_workers or num_cells,
             "setup": [f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"],
         }
         if self.partition:
@@ -103,8 +103,15 @@ class SlurmExecutor(Executor):
             params["mem"] = f"{int(self.mem_gb * 1024)}MB"
         if self.gpus_per_node:
             params["gpus_per_node"] = self.gpus_per_node
+        return {**params, **self.slurm_params}
+
+    def execute(self, tasks: list[CellTask], report: Report) -> None:
+        import submitit
+
+        folder = self._folder()
+        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=self.max_requeues)
         try:
-            ex.update_parameters(**{**params, **self.slurm_params})
+            ex.update_parameters(**self.job_parameters(len(tasks)))
             jobs = ex.map_array(_SubmititCell(), tasks)
         except (subprocess.CalledProcessError, RuntimeError, ValueError, OSError) as e:
             detail = getattr(e, "stderr", None) or getattr(e, "output", None) or str(e)

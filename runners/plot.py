@@ -1,4 +1,5 @@
-"""Results of many runs: a table (mean ± std over seeds at chosen steps) and learning curves.
+"""Results of many runs: tables (mean ± std over seeds at chosen steps; the last evaluation
+of every run) and learning curves (mean over seeds, shaded from the lowest to the highest).
 
     python -m runners.plot runs/grids/aux_heads [--steps=100k,500k,1M] [--plot_dir=DIR]
     python -m runners.grid --gin_file=gin/grids/aux_heads.gin --summarize   (the same)
@@ -13,7 +14,9 @@ missing.
 
 The value of a run at step s is its latest evaluation at or before s (none once s is past
 its last evaluation: the seed is left out, and the count in parentheses says how many seeds
-are in); std is the sample standard deviation over seeds (0 for one seed).
+are in); std is the sample standard deviation over seeds (0 for one seed). The second
+table lists each run's last evaluation (its step and return), as a run is read while the
+grid is still running and once it has finished.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from pathlib import Path
 
 from rlcore.config import REPO_ROOT
 
-__all__ = ["Curve", "default_reference_dir", "format_table", "load_reference", "main",
-           "parse_steps", "plot_curves", "read_curve", "scan", "summarize", "summary_rows"]
+__all__ = ["Curve", "default_reference_dir", "format_last_table", "format_table",
+           "load_reference", "main", "parse_steps", "plot_curves", "read_curve", "scan",
+           "summarize", "summary_rows"]
 
 REFERENCE_ENV = "TDMPC2_REFERENCE_DIR"
 
@@ -114,7 +118,12 @@ def read_curve(run_dir: Path, condition: str, seed: int | None = None,
     rows.sort(key=lambda r: int(float(r["step"])))
     if seed is None:
         seed = int(float(rows[0].get("seed") or 0))
-    return Curve(condition, seed, task or _task_of(Path(run_dir)),
+    task = task or _task_of(Path(run_dir))
+    # a grid's task axis names the task in the condition too ('task=cartpole-swingup,aux=on'):
+    # drop that part, as runs are grouped by task anyway
+    parts = [p for p in condition.split(",") if p.partition("=")[2] != task]
+    condition = ",".join(parts) or condition
+    return Curve(condition, seed, task,
                  [int(float(r["step"])) for r in rows], [float(r["reward"]) for r in rows])
 
 
@@ -245,29 +254,46 @@ def format_table(task_steps: dict[str, list[int]], rows: Sequence[Row]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def format_last_table(curves: Sequence[Curve]) -> str:
+    """One line per run: its task, condition, seed, last evaluated env step and return."""
+    rows = [[c.task, c.condition, str(c.seed), str(c.steps[-1]), f"{c.rewards[-1]:.1f}"]
+            for c in sorted(curves, key=lambda c: (c.task, c.condition, c.seed))]
+    head = ["task", "condition", "seed", "env step", "reward"]
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+
+    def line(cols: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cols, widths)))
+
+    out = ["last evaluation of each run (eval reward at its latest env step)", line(head),
+           "  ".join("-" * w for w in widths), *[line(r) for r in rows]]
+    return "\n".join(out) + "\n"
+
+
 def _band(curves: Sequence[Curve], max_step: int | None):
-    """Mean and std over seeds at each eval step, up to the first step past `max_step` (so
-    a line reaches the plot's edge; the axis clips it)."""
+    """Mean, min and max over seeds at each eval step, up to the first step past `max_step`
+    (so a line reaches the plot's edge; the axis clips it)."""
     steps = sorted({s for c in curves for s in c.steps})
     if max_step is not None:
         past = [s for s in steps if s > max_step]
         steps = [s for s in steps if s <= max_step] + past[:1]
-    means, stds = [], []
+    means, lows, highs = [], [], []
     for s in steps:
         # a seed contributes where it evaluated at s (curves share eval steps in practice)
         vals = [r for c in curves for cs, r in zip(c.steps, c.rewards) if cs == s]
-        m, sd = _mean_std(vals)
-        means.append(m)
-        stds.append(sd)
-    return steps, means, stds
+        means.append(_mean_std(vals)[0])
+        lows.append(min(vals))
+        highs.append(max(vals))
+    return steps, means, lows, highs
 
 
 def plot_curves(curves: Sequence[Curve], out_dir: Path,
                 reference: dict[str, dict[str, list[Curve]]] | None = None,
                 max_step: int | None = None) -> list[Path]:
-    """One PNG per task: our conditions (solid, mean ± std over seeds) and the published
-    curves (dashed), over env steps up to `max_step` (None: our longest run, so short runs
-    are not squeezed against the axis by the published curves' millions of steps)."""
+    """One PNG per task: our conditions (solid) and the published curves (dashed), each the
+    mean over seeds shaded from the lowest to the highest seed, over env steps up to
+    `max_step` (None: our longest run, so short runs are not squeezed against the axis by
+    the published curves' millions of steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,18 +313,17 @@ def plot_curves(curves: Sequence[Curve], out_dir: Path,
         groups += [(f"{algo} (published)", cs, "--")
                    for algo, cs in sorted((reference or {}).get(task, {}).items())]
         for label, cs, style in groups:
-            steps, means, stds = _band(cs, right)
+            steps, means, lows, highs = _band(cs, right)
             if not steps:
                 continue
             n = len({c.seed for c in cs})
             shown = sum(s <= right for s in steps)
             (line,) = ax.plot(steps, means, style, marker="o" if shown <= 20 else None,
                               markersize=3, label=f"{label} ({n} seed{'s' * (n > 1)})")
-            ax.fill_between(steps, [m - s for m, s in zip(means, stds)],
-                            [m + s for m, s in zip(means, stds)], color=line.get_color(),
-                            alpha=0.15, linewidth=0)
+            ax.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.15,
+                            linewidth=0)
         ax.set_xlim(0, right * 1.02 if right > 0 else None)
-        ax.set_title(task)
+        ax.set_title(f"{task}: mean over seeds, shaded min to max")
         ax.set_xlabel("environment steps")
         ax.set_ylabel("eval episode return")
         ax.grid(alpha=0.3)
@@ -324,6 +349,7 @@ def summarize(curves: Sequence[Curve], *, steps: Sequence[int] | None = None,
         out(f"(no published curves: reference dir {reference_dir} not found)")
     task_steps, rows = summary_rows(curves, steps, reference)
     out(format_table(task_steps, rows))
+    out(format_last_table(curves))
     if plot_dir is None:
         return []
     paths = plot_curves(curves, plot_dir, reference, max_step)

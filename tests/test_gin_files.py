@@ -65,6 +65,20 @@ def test_dog_file_is_the_paper_setup(tmp_path):
     assert gin.query_parameter("TerminationLoss.rho_weighted") is False
 
 
+def test_dmc_gpu_file_is_the_paper_setup():
+    """gin/tdmpc2_dmc_gpu.gin, the base of gin/grids/paper_gpu.gin: the paper's 5M agent (no
+    auxiliary heads), one env, 100k env steps (action repeat 2 included), compiled."""
+    load_gin([str(GIN / "tdmpc2_dmc_gpu.gin")], finalize=False)
+    assert gin.query_parameter("%LATENT_DIM") == 512 and gin.query_parameter("%NUM_Q") == 5
+    assert gin.query_parameter("WorldModel.aux_discounts") == ()  # the paper's agent
+    assert gin.query_parameter("EnvpoolVecEnv.num_envs") == 1
+    assert gin.query_parameter("EnvpoolVecEnv.action_repeat") == 2
+    assert gin.query_parameter("OnlineRunner.total_env_steps") == 100_000
+    assert 100_000 % gin.query_parameter("OnlineRunner.eval_every") == 0  # hits the published grid
+    assert gin.query_parameter("OnlineRunner.eval_episodes") == 10
+    assert gin.query_parameter("TDMPC2Agent.compile") is True
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_model_size_presets_match_the_paper(size):
     """Parameter counts within 40% of the name (TD-MPC2 Table 7), for a dog-sized task."""

@@ -33,6 +33,14 @@ from runners.grid_slurm import SlurmExecutor
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "gin/grids/tiny.gin"
 SLURM_UP = ROOT / "tests" / "runners" / "slurm_up.sh"
+PAPER_GPU = "gin/grids/paper_gpu.gin"
+PAPER_TASKS = ("cartpole-swingup", "reacher-easy", "finger-spin", "walker-walk", "cheetah-run")
+# A paper_gpu cell shrunk to seconds on a CPU (the bindings every cell gets from the command
+# line): the tiny model, no compile, 400 env steps.
+TINY_CELL = ["include 'gin/test/tiny.gin'", "TDMPC2Agent.compile = False",
+             "OnlineRunner.total_env_steps = 400", "OnlineRunner.seed_steps = 100",
+             "OnlineRunner.eval_every = 200", "OnlineRunner.eval_episodes = 2",
+             "OnlineRunner.checkpoint_every = 400"]
 
 
 def _grid(tmp_path: Path, name: str, body: str) -> Path:
@@ -125,7 +133,7 @@ def test_command_line_bindings_are_routed():
 
 
 @pytest.mark.parametrize("name,count", [("aux_heads", 6), ("planner", 6), ("resets", 9),
-                                        ("tiny", 4)])
+                                        ("tiny", 4), ("paper_gpu", 30)])
 def test_shipped_grids_validate(name, count, tmp_path):
     grid, extra = grid_run.load_grid([f"gin/grids/{name}.gin"], [f"grid.root = '{tmp_path}'"])
     planned = grid.validate(grid.cells(extra))
@@ -137,6 +145,11 @@ def test_shipped_grids_validate(name, count, tmp_path):
     if name == "tiny":
         assert {p.task for p in planned} == {"cartpole-balance"}
         assert {p.total_env_steps for p in planned} == {2000}
+    if name == "paper_gpu":  # the paper's comparison: 5 tasks x aux off/on x 3 seeds
+        assert sorted({p.task for p in planned}) == sorted(PAPER_TASKS)
+        assert {p.total_env_steps for p in planned} == {100_000}  # env steps, repeat 2
+        assert {p.cell.condition.split(",")[1] for p in planned} == {"aux=off", "aux=on"}
+        assert {p.cell.seed for p in planned} == {1, 2, 3}
 
 
 @pytest.mark.parametrize("axis,expected", [
@@ -207,6 +220,53 @@ def test_executor_from_binding_or_flag(monkeypatch):
 def test_flags_that_do_not_apply_are_refused(capsys):
     assert grid_main.main([f"--gin_file={TINY}", "--ray_address=127.0.0.1:1"]) == 2
     assert "--address do not apply to the local executor" in capsys.readouterr().err
+
+
+def test_paper_grid_requests_one_gpu_per_cell(tmp_path):
+    """Slurm: `--gpus-per-node=1` in the array's sbatch script (each cell is one array job);
+    Ray: `num_gpus=1` per task. The grid file binds both."""
+    submitit = pytest.importorskip("submitit")
+    # without the grid's bindings nothing asks for a GPU
+    assert "--gpus" not in submitit.slurm.slurm._make_sbatch_string(
+        command="x", folder=tmp_path, **SlurmExecutor().job_parameters(2))
+    assert RayExecutor().gpus_per_job == 0
+    with pytest.raises(grid_spec.GridError, match="gpus_per_job must be a number >= 0"):
+        RayExecutor(gpus_per_job=-1)
+    grid, _ = grid_run.load_grid([PAPER_GPU])
+    slurm = grid_run.make_executor(grid, "slurm")
+    assert slurm.describe(30) == "slurm, one job array, 4 CPUs per job, 1 GPU per job"
+    sbatch = submitit.slurm.slurm._make_sbatch_string(
+        command="python -c pass", folder=tmp_path, map_count=30, **slurm.job_parameters(30))
+    assert "#SBATCH --gpus-per-node=1\n" in sbatch and "#SBATCH --array=0-29%30\n" in sbatch
+    assert "#SBATCH --cpus-per-task=4\n" in sbatch
+    ray = grid_run.make_executor(grid, "ray", address="10.0.0.1:6379")
+    assert ray.gpus_per_job == 1
+    assert ray.describe(30) == "ray, 4 CPUs per task, 1 GPU per task, cluster at 10.0.0.1:6379"
+
+
+def test_paper_grid_cell_runs_and_writes_its_curves(tmp_path):
+    """One paper_gpu cell (cartpole-swingup, the paper's agent, seed 1), shrunk to a tiny model
+    and 400 env steps: it starts, evaluates at env steps 200 and 400 (eval.csv and TensorBoard's
+    eval/reward, both over env steps) and leaves its checkpoint."""
+    grid, extra = grid_run.load_grid([PAPER_GPU], [f"grid.root = '{tmp_path}'", *TINY_CELL])
+    cell = grid.cells(extra)[0]
+    assert cell.name == "task=cartpole-swingup,aux=off/seed=1"
+    proc = subprocess.run([sys.executable, *cell.argv(threads=1)], cwd=ROOT,
+                          env={**os.environ, "MUJOCO_GL": "egl"}, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (cell.run_dir / "eval.csv").read_text().splitlines()
+    assert lines[0].startswith("step,reward,seed,")
+    assert [ln.split(",")[0] for ln in lines[1:]] == ["200", "400"]
+    assert {ln.split(",")[2] for ln in lines[1:]} == {"1"}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(cell.run_dir / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/reward")] == [200, 400]
+    assert json.loads((cell.run_dir / "run.json").read_text())["spec"]["task"] == \
+        "cartpole-swingup"
+    assert grid_spec.cell_status(cell.run_dir, 400)[0] == "finished"
 
 
 # --------------------------------------------------------------------------------------
@@ -341,6 +401,35 @@ def test_summary_plots_png_with_reference_curves(synthetic, tmp_path):
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[0].stat().st_size > 10_000
 
 
+def test_plot_band_is_min_to_max_over_seeds(synthetic, tmp_path, monkeypatch):
+    """The shaded band of each curve runs from the lowest to the highest seed (not mean ± std),
+    for our runs and the published ones alike; the line is the mean."""
+    import matplotlib.axes
+
+    gdir, ref = synthetic
+    bands, lines = {}, {}
+    real_fill, real_plot = matplotlib.axes.Axes.fill_between, matplotlib.axes.Axes.plot
+
+    def fake_plot(ax, x, y, *args, label=None, **kwargs):
+        lines[label.split(" (")[0] if "published" not in label else "tdmpc2"] = list(y)
+        return real_plot(ax, x, y, *args, label=label, **kwargs)
+
+    def fake_fill(ax, x, y1, y2, **kwargs):
+        bands[len(bands)] = (list(x), list(y1), list(y2))
+        return real_fill(ax, x, y1, y2, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", fake_plot)
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", fake_fill)
+    plot_dir = tmp_path / "plots"
+    plot.plot_curves(plot.scan(gdir), plot_dir, plot.load_reference(ref, {"cartpole-balance"}),
+                     max_step=3000)
+    # conditions in order (aux=off, aux=on), then the published tdmpc2 curves
+    assert bands[0] == ([1000, 2000], [5.0, 50.0], [7.0, 50.0])
+    assert bands[1] == ([1000, 2000], [10.0, 100.0], [20.0, 200.0])
+    assert bands[2] == ([0, 1500, 3000], [100.0, 300.0, 900.0], [200.0, 500.0, 950.0])
+    assert lines["aux=on"] == [15.0, 150.0] and lines["tdmpc2"] == [150.0, 400.0, 925.0]
+
+
 def test_grid_summarize_flag(synthetic, tmp_path, capsys):
     gdir, ref = synthetic
     path = tmp_path / "synth.gin"
@@ -352,12 +441,46 @@ def test_grid_summarize_flag(synthetic, tmp_path, capsys):
     assert "grid synth: 4/4 cells have results" in out
     assert "aux=on " in out and "15.0 ± 7.1 (2)" in out and "tdmpc2 (published)" in out
     assert (tmp_path / "png" / "cartpole-balance.png").exists()
+    # and the last evaluation of every run: its env step and return
+    last = out.split("last evaluation of each run")[1].splitlines()
+    assert re.fullmatch(r"task\s+condition\s+seed\s+env step\s+reward", last[1].strip())
+    assert [ln.split() for ln in last[3:7]] == [
+        ["cartpole-balance", "aux=off", "1", "2000", "50.0"],
+        ["cartpole-balance", "aux=off", "2", "1000", "7.0"],   # the lagging seed
+        ["cartpole-balance", "aux=on", "1", "2000", "100.0"],
+        ["cartpole-balance", "aux=on", "2", "2000", "200.0"]]
     # a missing reference dir is skipped with a note
     rc = grid_main.main([f"--gin_file={path}", "--summarize", f"--reference_dir={tmp_path / 'x'}",
                          f"--plot_dir={tmp_path / 'png2'}"])
     out = capsys.readouterr().out
     assert rc == 0 and "no published curves" in out and "(published)" not in out
     assert (tmp_path / "png2" / "cartpole-balance.png").exists()
+
+
+def test_summary_of_a_grid_with_a_task_axis(tmp_path, capsys):
+    """A task axis (as in gin/grids/paper_gpu.gin) names the task in each run dir; tables and
+    legends group runs by task already, so the condition drops that part, and cells are
+    matched to their results by run dir."""
+    gdir = tmp_path / "runs" / "tasks"
+    _write_run(gdir / "task=cartpole-balance,aux=on" / "seed=1", 1, [(1000, 10.0)])
+    _write_run(gdir / "task=cup-catch,aux=on" / "seed=1", 1, [(1000, 30.0)], task="cup-catch")
+    path = tmp_path / "tasks.gin"
+    path.write_text(f"include '{TINY}'\ngrid.name = 'tasks'\ngrid.root = '{gdir.parent}'\n"
+                    "grid.seeds = [1]\ngrid.axes = {'task': [\"TASK = 'cartpole-balance'\", "
+                    "\"TASK = 'cup-catch'\"], 'aux': ['gin/ablations/aux/on.gin', "
+                    "'gin/ablations/aux/off.gin']}\n")
+    rc = grid_main.main([f"--gin_file={path}", "--summarize", f"--reference_dir={tmp_path}",
+                         f"--plot_dir={tmp_path / 'png'}"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "grid tasks: 2/4 cells have results" in out
+    assert ("without results yet: task=cartpole-balance,aux=off/seed=1, "
+            "task=cup-catch,aux=off/seed=1") in out
+    assert {(c.task, c.condition) for c in plot.scan(gdir)} == {
+        ("cartpole-balance", "aux=on"), ("cup-catch", "aux=on")}
+    assert "task=" not in out.split("without results yet")[1].split("\n", 1)[1]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
+        "cartpole-balance.png", "cup-catch.png"]
 
 
 # --------------------------------------------------------------------------------------
@@ -432,6 +555,7 @@ def ray_cluster(tmp_path_factory):
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
          "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+         "--num-gpus=1",  # declared, not real: Ray hands it out by CUDA_VISIBLE_DEVICES
          f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 90
@@ -470,3 +594,19 @@ def test_ray_grid_runs_cells_as_tasks(ray_cluster, tmp_path):
         cell = tmp_path / "runs" / "ray" / name / "seed=1"
         _assert_finished(cell)
         assert "| ray task " in (cell / "grid.log").read_text()
+
+
+@pytest.mark.ray
+def test_ray_grid_gives_each_cell_a_gpu(ray_cluster, tmp_path):
+    """`RayExecutor.gpus_per_job = 1` (as gin/grids/paper_gpu.gin binds it): Ray reserves the
+    cluster's one GPU for the task and the cell's runner sees it in CUDA_VISIBLE_DEVICES."""
+    path = _grid(tmp_path, "raygpu", "grid.seeds = [1]\n"
+                 "grid.axes = {'aux': ['gin/ablations/aux/off.gin']}\n")
+    proc = _run_grid(f"--gin_file={path}", "--executor=ray", f"--ray_address={ray_cluster}",
+                     "--gin_param=RayExecutor.gpus_per_job = 1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"executor: ray, 1 CPU per task, 1 GPU per task, cluster at {ray_cluster}" in proc.stdout
+    cell = tmp_path / "runs" / "raygpu" / "aux=off" / "seed=1"
+    _assert_finished(cell)
+    header = (cell / "grid.log").read_text().splitlines()[0]
+    assert "| ray task " in header and "| CUDA_VISIBLE_DEVICES=0 |" in header, header
