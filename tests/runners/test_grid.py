@@ -133,7 +133,8 @@ def test_command_line_bindings_are_routed():
 
 
 @pytest.mark.parametrize("name,count", [("aux_heads", 6), ("planner", 6), ("resets", 9),
-                                        ("tiny", 4), ("paper_gpu", 30)])
+                                        ("tiny", 4), ("paper_gpu", 30),
+                                        ("cpu_learning", 12)])
 def test_shipped_grids_validate(name, count, tmp_path):
     grid, extra = grid_run.load_grid([f"gin/grids/{name}.gin"], [f"grid.root = '{tmp_path}'"])
     planned = grid.validate(grid.cells(extra))
@@ -150,6 +151,12 @@ def test_shipped_grids_validate(name, count, tmp_path):
         assert {p.total_env_steps for p in planned} == {100_000}  # env steps, repeat 2
         assert {p.cell.condition.split(",")[1] for p in planned} == {"aux=off", "aux=on"}
         assert {p.cell.seed for p in planned} == {1, 2, 3}
+    if name == "cpu_learning":  # the CPU learning table: 3 tasks x aux off/on x 2 seeds
+        assert sorted({p.task for p in planned}) == ["cartpole-swingup", "finger-spin",
+                                                      "reacher-easy"]
+        assert {p.total_env_steps for p in planned} == {50_000}
+        assert {p.cell.condition.split(",")[1] for p in planned} == {"aux=off", "aux=on"}
+        assert {p.cell.seed for p in planned} == {1, 2}
 
 
 @pytest.mark.parametrize("axis,expected", [
