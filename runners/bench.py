@@ -75,6 +75,23 @@ def summarize(seconds: Sequence[float]) -> dict[str, float]:
             "min_ms": ms[0], "max_ms": ms[-1], "n": len(ms)}
 
 
+def gpu_kernel_fraction(fn: Callable[[], Any], device: torch.device, calls: int = 5) -> float:
+    """GPU kernel time over wall time of `calls` calls of `fn`, from torch's profiler (a
+    CUDA device only): how busy the GPU is while the call runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
+    return kernel_us / 1e6 / wall
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of `fn` as counted by torch's FlopCounterMode (matrix products,
     forward and backward)."""
@@ -243,6 +260,13 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
 
     runner = OnlineRunner(run_dir)
     agent, replay, spec, device = runner.agent, runner.replay, runner.spec, runner.device
+    # The replay samples whole episodes only: seeding must finish one in every env.
+    whole = spec.episode_length * spec.num_envs
+    if runner.seed_steps < whole:
+        raise common.ConfigError(
+            f"--seed_steps {runner.seed_steps} ends no episode: {spec.num_envs} env(s) of "
+            f"{spec.episode_length} agent steps need at least {whole} seed steps before the "
+            f"replay can sample; use --seed_steps={whole}")
     result: dict[str, Any] = {"machine": machine_info(device), "config": _config(runner)}
 
     # The warm-up, timed apart: the first planning call now, the first update wherever
@@ -273,8 +297,11 @@ def run_bench(*, repeats: int, envs: Sequence[int], e2e_agent_steps: int,
         times, mm_times = time_interleaved(fn, matmul, repeats, device, warmup=2)
         all_mm.extend(mm_times)
         flops = count_flops(fn)
-        return with_rate(summarize(times), flops, matmul.rate(mm_times)["gflops_per_s"],
-                         paired_fractions(times, mm_times, flops, matmul.flops))
+        out = with_rate(summarize(times), flops, matmul.rate(mm_times)["gflops_per_s"],
+                        paired_fractions(times, mm_times, flops, matmul.flops))
+        if device.type == "cuda":
+            out["gpu_kernel_fraction"] = gpu_kernel_fraction(fn, device)
+        return out
 
     for E in envs:
         _log.info("bench: planning, E=%d", E)
@@ -363,6 +390,10 @@ def format_table(result: dict[str, Any]) -> str:
                     f"{pair['median']:.0%} ({pair['p10']:.0%}-{pair['p90']:.0%})")
         lines.append(f"| {name} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} "
                      f"| {r['n']} | {rate} |")
+    busy = [f"{name} {r['gpu_kernel_fraction']:.0%}" for name, r in result["parts"].items()
+            if "gpu_kernel_fraction" in r]
+    if busy:
+        lines += ["", "- GPU kernel time / wall time (torch profiler): " + ", ".join(busy)]
     lines.append("")
     e2e = result.get("end_to_end")
     if e2e:

@@ -332,7 +332,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                     "official_path": str(root), "matmul_precision": args.matmul_precision},
         "config": {"task": args.task, "obs_dim": obs_dim, "action_dim": A,
                    "episode_length": spec.episode_length, "model_size": args.model_size,
-                   "compile": args.compile, "batch_size": B, "horizon": T,
+                   "compile": args.compile, "ours_compiled": ours.compiled,
+                   "batch_size": B, "horizon": T,
                    "gin_files": gin_files(args.model_size, args.compile, args.gin_file),
                    "gin_params": args.gin_param,
                    "parameters": {"official": official.model.total_params,
@@ -362,13 +363,21 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _modes(cfg: dict[str, Any]) -> str:
+    """'compiled', 'eager', or each side's mode when they differ (ours compiled through a
+    --gin_file)."""
+    official = "compiled" if cfg["compile"] else "eager"
+    ours = "compiled" if cfg.get("ours_compiled", cfg["compile"]) else "eager"
+    return official if official == ours else f"official {official}, ours {ours}"
+
+
 def format_table(r: dict[str, Any]) -> str:
     m, cfg, off, ours, ratio = (r["machine"], r["config"], r["official"], r["ours"],
                                 r["official_over_ours"])
     lines = [
         f"### official TD-MPC2 vs ours: {cfg['task']}, model size {cfg['model_size']} "
         f"({cfg['parameters']['official'] / 1e6:.2f}M / {cfg['parameters']['ours'] / 1e6:.2f}M "
-        f"parameters), {'compiled' if cfg['compile'] else 'eager'}, batch {cfg['batch_size']}, "
+        f"parameters), {_modes(cfg)}, batch {cfg['batch_size']}, "
         f"horizon {cfg['horizon']}, planner iterations {cfg['planner_iterations']['official']}"
         f" / {cfg['planner_iterations']['ours']}",
         "",

@@ -230,6 +230,8 @@ def test_report_renders_saved_runs_with_machine_commit_and_config(tiny_bench, tm
     (["--e2e_steps=-1"], "--e2e_steps"),
     (["--report=no/such.json"], "no/such.json"),
     (["--report_out=tables.md"], "--report_out goes with --report"),
+    # 2 envs of 50-agent-step episodes: 50 seed steps end none, the replay cannot sample
+    (["--seed_steps=50"], "use --seed_steps=100"),
 ])
 def test_bad_flags_fail_with_one_clear_error(tmp_path, capsys, args, message):
     out = tmp_path / "bench.json"
@@ -247,3 +249,10 @@ def test_bad_config_fails_with_one_clear_error(tmp_path):
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
     assert "no_such_thing" in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_kernel_fraction_of_a_busy_gpu():
+    x = torch.randn(4096, 4096, device="cuda")
+    busy = bench.gpu_kernel_fraction(lambda: x @ x, torch.device("cuda"))
+    assert 0.3 < busy <= 1.05  # back-to-back products keep the GPU busy

@@ -64,3 +64,12 @@ def test_bad_official_path_fails_with_one_clear_message(argv, monkeypatch, capsy
     err = capsys.readouterr().err.strip()
     assert err.count("error:") == 1 and "\n" not in err
     assert "--official" in err and "git clone https://github.com/nicklashansen/tdmpc2" in err
+
+
+def test_title_names_each_sides_mode():
+    """Ours compiled through --gin_file beside the official eager code: the title says so
+    instead of calling both eager."""
+    assert compare_official._modes({"compile": False, "ours_compiled": False}) == "eager"
+    assert compare_official._modes({"compile": True, "ours_compiled": True}) == "compiled"
+    assert (compare_official._modes({"compile": False, "ours_compiled": True})
+            == "official eager, ours compiled")
