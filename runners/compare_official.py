@@ -367,7 +367,12 @@ def _modes(cfg: dict[str, Any]) -> str:
     """'compiled', 'eager', or each side's mode when they differ (ours compiled through a
     --gin_file)."""
     official = "compiled" if cfg["compile"] else "eager"
-    ours = "compiled" if cfg.get("ours_compiled", cfg["compile"]) else "eager"
+    compiled = cfg.get("ours_compiled")
+    if compiled is None:  # files written before the field existed
+        compiled = cfg["compile"] or any(f in ("gin/presets/compile.gin",
+                                               "gin/presets/cuda_graphs.gin")
+                                         for f in cfg.get("gin_files", ()))
+    ours = "compiled" if compiled else "eager"
     return official if official == ours else f"official {official}, ours {ours}"
 
 
