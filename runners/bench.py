@@ -214,6 +214,8 @@ def _time_first_update(agent, device: torch.device, into: dict[str, float]) -> N
     update = agent.update
 
     def first_update(*args, **kwargs):
+        if "update_s" in into:  # a caller kept this function: plain from now on
+            return update(*args, **kwargs)
         del agent.update  # the class's method again
         t0 = time.perf_counter()
         out = update(*args, **kwargs)

@@ -200,7 +200,9 @@ def test_first_update_times_itself_once_wherever_it_runs():
 
     agent, warmup = Agent(), {}
     bench._time_first_update(agent, torch.device("cpu"), warmup)
+    kept = agent.update  # what a timing loop holds when no update ran before it
     assert agent.update(1, pathway="policy") == (1, "policy")
+    assert kept(3) == (3, "full")  # plain, and timed once only
     first = warmup["update_s"]
     assert first > 0 and "update" not in vars(agent)  # the plain method again
     assert agent.update(2) == (2, "full") and warmup["update_s"] == first
