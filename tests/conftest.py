@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -186,3 +187,30 @@ def signal_after_first_checkpoint(cmd, run_dir, sig, stderr_path, *, cwd, env):
     stderr = Path(stderr_path).read_text()
     assert "Traceback" not in stderr
     return rc, stderr, complete()[-1]
+
+
+@contextlib.contextmanager
+def stepped_gradients(model):
+    """name -> (parameter, gradient or None) for every parameter of `model` that an Adam
+    step of the agent (`rlcore.optim.adam_step`) updates, read as the step runs (after
+    clipping). A parameter stepped twice fails."""
+    from rlcore import optim as roptim
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    step = roptim.adam_step
+
+    def recording_step(optimizer):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                name = names.get(id(p))
+                if name is not None:
+                    assert name not in seen, f"{name} stepped twice"
+                    seen[name] = (p, None if p.grad is None else p.grad.detach().clone())
+        step(optimizer)
+
+    roptim.adam_step = recording_step
+    try:
+        yield seen
+    finally:
+        roptim.adam_step = step

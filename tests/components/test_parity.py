@@ -49,8 +49,8 @@ from components.heads import DiscreteRegressionHead, EnsembleQHead, TanhGaussian
 from components.losses import PolicyLoss, WorldModelLoss
 from components.planners.mppi import MPPIPlanner
 from components.world_model import WorldModel
-from rlcore import optim as roptim
 from rlcore.types import ACTION, OBS, REWARD, TERMINATED, EnvSpec
+from tests.conftest import stepped_gradients
 
 
 def _parity_dir() -> Path:
@@ -352,29 +352,6 @@ def _q_outputs(model):
             h.remove()
 
 
-@contextlib.contextmanager
-def _optimizer_grads(model):
-    """name -> gradient, read before every optimizer step (after clipping, inactive here)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    grads: dict[str, torch.Tensor] = {}
-
-    step = roptim.adam_step
-
-    def recording_step(optimizer):
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and id(p) in names:
-                    assert names[id(p)] not in grads, f"{names[id(p)]} stepped twice"
-                    grads[names[id(p)]] = p.grad.detach().clone()
-        step(optimizer)
-
-    roptim.adam_step = recording_step
-    try:
-        yield grads
-    finally:
-        roptim.adam_step = step
-
-
 # -- the sections -----------------------------------------------------------------------
 def _check_estimate_value(agent, data, diffs: _Diffs) -> None:
     ev, cfg = data["estimate_value"], data["config"]
@@ -488,9 +465,10 @@ def _check_update(agent, data, diffs: _Diffs) -> None:
     K, vmin, vmax = cfg["num_bins"], float(cfg["vmin"]), float(cfg["vmax"])
     gamma = float(data["meta"]["discount"])
     replay = _Replay(data["update_draws"])
-    with _q_outputs(agent.model) as q_calls, _optimizer_grads(agent.model) as grads, \
+    with _q_outputs(agent.model) as q_calls, stepped_gradients(agent.model) as stepped, \
             replay.patched():
         out = agent.update(_batch(data))
+    grads = {name: g for name, (_, g) in stepped.items() if g is not None}
 
     # Losses and statistics
     losses = up["losses"]

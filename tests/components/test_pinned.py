@@ -28,7 +28,6 @@ still pins everything else.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from pathlib import Path
 
@@ -47,8 +46,8 @@ from components.planners.cem import CEMPlanner
 from components.planners.mppi import MPPIPlanner
 from components.resets import ShrinkPerturb
 from components.world_model import WorldModel
-from rlcore import optim as roptim
 from rlcore.types import ACTION, OBS, REWARD, TERMINATED, EnvSpec
+from tests.conftest import stepped_gradients
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "pinned.pt"
 ATOL = RTOL = 1e-5
@@ -111,32 +110,15 @@ def to_batch(batch: dict[str, torch.Tensor]) -> TensorDict:
     return TensorDict({k: v.clone() for k, v in b.items()}, batch_size=[T + 1, B])
 
 
-@contextlib.contextmanager
-def gradient_norms(model):
+def gradient_norms(stepped) -> dict[str, torch.Tensor]:
     """name -> per-row L2 norms of the gradient (rows: first dimension; the whole tensor
-    for vectors) of every parameter each optimizer step updates, read before the step
+    for vectors) of every parameter an optimizer step updated, read before the step
     (after clipping, which these tiny norms never trigger); zeros for a None gradient."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    out: dict[str, torch.Tensor] = {}
-
-    step = roptim.adam_step
-
-    def recording_step(optimizer):
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                name = names.get(id(p))
-                if name is None:
-                    continue
-                assert name not in out, f"{name} stepped twice"
-                g = torch.zeros_like(p) if p.grad is None else p.grad.detach()
-                out[name] = g.flatten(1).norm(dim=1) if g.dim() > 1 else g.norm().reshape(1)
-        step(optimizer)
-
-    roptim.adam_step = recording_step
-    try:
-        yield out
-    finally:
-        roptim.adam_step = step
+    out = {}
+    for name, (p, g) in stepped.items():
+        g = torch.zeros_like(p) if g is None else g
+        out[name] = g.flatten(1).norm(dim=1) if g.dim() > 1 else g.norm().reshape(1)
+    return out
 
 
 def _flatten(prefix: str, value, out: dict[str, torch.Tensor]) -> None:
@@ -158,8 +140,9 @@ def run_case(name: str, init_state: dict[str, torch.Tensor], batch: dict[str, to
     out: dict[str, torch.Tensor] = {}
     # One update
     torch.manual_seed(UPDATE_SEED + index)
-    with gradient_norms(agent.model) as norms:
+    with stepped_gradients(agent.model) as stepped:
         result = agent.update(to_batch(batch), pathway=CASES[name].get("pathway", "full"))
+    norms = gradient_norms(stepped)
     for k in result.keys():
         out[f"update/{k}"] = result[k].detach().clone()
     for k, v in norms.items():
