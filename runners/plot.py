@@ -64,6 +64,13 @@ class Curve:
             value = r
         return value
 
+    def exactly(self, step: int) -> float | None:
+        """The evaluation at `step` itself; None when the curve has none there."""
+        for s, r in zip(self.steps, self.rewards):
+            if s == step:
+                return r
+        return None
+
 
 def default_reference_dir() -> Path:
     env = os.environ.get(REFERENCE_ENV)
@@ -207,7 +214,10 @@ def summary_rows(curves: Sequence[Curve], steps: Sequence[int] | None = None,
         for name, is_ref, cs in groups:
             cells = {}
             for s in shown:
-                vals = [v for v in (c.at(s) for c in cs) if v is not None]
+                # published curves only where they were evaluated (every 100k): their
+                # value at 0 is no figure for 25k
+                vals = [v for v in ((c.exactly(s) if is_ref else c.at(s)) for c in cs)
+                        if v is not None]
                 cells[s] = (*_mean_std(vals), len(vals)) if vals else None
             rows.append(Row(task, name, is_ref, cells, len(cs)))
     return task_steps, rows
