@@ -308,6 +308,9 @@ class TDMPC2Agent:
         # Target and EMA copies
         groups = ["policy"] if pathway == "policy" else None
         self.model.soft_update_targets(self.tau, groups)
+        # every update starts without gradients (a compiled update would otherwise be
+        # traced again on its second call, when the gradients it left exist)
+        roptim.zero_grads(self.model.parameters())
         return out
 
     def _grad_norms(self, obs, action, reward, terminated, pathway: str) -> dict[str, torch.Tensor]:

@@ -189,6 +189,26 @@ def test_cuda_graphs_need_cuda_and_compile():
             _agent("cuda", cuda_graphs=True)
 
 
+@pytest.mark.slow
+def test_compiled_agent_compiles_each_graph_once():
+    """After the first acting call and update, later ones reuse their graphs: a guard that
+    fails on the second call (gradients the first update left) would compile everything
+    again, minutes for a 5M model."""
+    import torch._dynamo
+
+    from tests.components.test_agent import make_batch
+
+    torch._dynamo.reset()
+    agent = _agent("cpu", **COMPILE)
+    obs = torch.randn(SPEC.num_envs, 5)
+    agent.act(obs, torch.ones(SPEC.num_envs, dtype=torch.bool))
+    agent.update(make_batch(seed=0))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(1, 3):
+            agent.act(obs, torch.zeros(SPEC.num_envs, dtype=torch.bool))
+            agent.update(make_batch(seed=i))
+
+
 @pytest.mark.parametrize("pathway", ["full", "actor_critic", "policy"])
 def test_acting_and_updates_trace_as_one_graph_each(pathway):
     """A whole acting call (encoder, every planning iteration, the action) and a whole
