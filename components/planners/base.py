@@ -15,15 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch._dynamo
 
 from rlcore import checks
-
-
-def _mark_static(t: torch.Tensor) -> None:
-    """Tell torch.compile that `t` keeps its address (a CUDA graph may update it in place)."""
-    import torch._dynamo
-
-    torch._dynamo.mark_static_address(t)
 
 
 class PopulationPlanner:
@@ -93,11 +87,15 @@ class PopulationPlanner:
         call (and a CUDA graph of it) reads and writes the same tensor on every call.
         """
         buf = self._prev_mean.get(stream)
-        shape = (E, self.horizon, self.action_dim)
-        if buf is None or buf.shape != shape or buf.device != torch.device(device):
+        shape, device = (E, self.horizon, self.action_dim), torch.device(device)
+        if buf is not None and buf.shape == shape and buf.device == device:
+            return buf
+        if buf is not None and buf.shape == shape:  # loaded from a checkpoint on the CPU
+            buf = buf.to(device)
+        else:
             buf = torch.zeros(shape, device=device)
-            _mark_static(buf)
-            self._prev_mean[stream] = buf
+        torch._dynamo.mark_static_address(buf)  # for compile: the address never changes
+        self._prev_mean[stream] = buf
         return buf
 
     # -- scoring ----------------------------------------------------------------------

@@ -316,3 +316,13 @@ def test_mppi_refit_weighted_mean_and_std(model):
     # Equal scores reduce MPPI to CEM's plain mean.
     mean_eq, _, _ = planner._refit(torch.zeros(2, 4), acts, torch.zeros(2, H, A))
     torch.testing.assert_close(mean_eq, acts.mean(2).transpose(0, 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_warm_start_loaded_on_the_cpu_moves_to_the_gpu(model):
+    """Checkpoints load on the CPU: a GPU planner keeps their warm-start means."""
+    planner = make("mppi", model.to("cuda"))
+    mean = torch.randn(E, H, A)
+    planner.load_state_dict({"prev_mean": {"train": mean}})
+    z = _z(model).to("cuda")
+    torch.testing.assert_close(planner.warm_start(z, eval_mode=False).cpu(), mean)
