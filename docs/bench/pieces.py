@@ -111,7 +111,8 @@ def _run(name: str, variant, code: Path, out: Path, old: bool, more: list[str]) 
     proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"variant {name} failed (exit {proc.returncode})")
+        print(f"   failed (exit {proc.returncode})", flush=True)
+        return {"failed": proc.returncode, "stderr": proc.stderr[-3000:]}
     result = json.loads(out.read_text())
     row = _row(result)
     print(f"   plan {row['plan_ms']:.1f} ms, update {row['update_ms']:.1f} ms, "
@@ -131,8 +132,10 @@ def _row(result: dict) -> dict:
 
 
 def table(saved: dict) -> str:
-    names = list(saved["runs"])
-    med = {n: {k: statistics.median(_row(r)[k] for r in saved["runs"][n])
+    ok = {n: [r for r in runs if "failed" not in r] for n, runs in saved["runs"].items()}
+    failed = [n for n, runs in ok.items() if not runs]
+    names = [n for n in saved["runs"] if n not in failed]
+    med = {n: {k: statistics.median(_row(r)[k] for r in ok[n])
                for k in ("plan_ms", "update_ms", "env_steps_per_s", "matmul_gflops")}
            for n in names}
     base = med[names[0]]
@@ -151,6 +154,7 @@ def table(saved: dict) -> str:
             f"| {n} | {r['plan_ms']:.1f} | {r['update_ms']:.1f} | {r['plan_ms'] + r['update_ms']:.1f} "
             f"| {r['env_steps_per_s']:.3f} | {r['env_steps_per_s'] / base['env_steps_per_s']:.3f}x "
             f"| {r['matmul_gflops']:.0f} |")
+    lines += [f"| {n} | failed | | | | | |" for n in failed]
     return "\n".join(lines)
 
 
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = _run(n, variants[n], code, Path(tmp) / f"{n}-{block}.json", old,
                               args.bench_arg)
                 saved["runs"][n].append(result)
-                saved["machine"] = result["machine"]
+                saved["machine"] = result.get("machine", saved.get("machine"))
                 if args.out:
                     Path(args.out).write_text(json.dumps(saved, indent=1))
     print(table(saved))
