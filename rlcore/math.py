@@ -5,7 +5,6 @@ Bin settings are arguments, never a config object.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -54,26 +53,16 @@ def two_hot(x: torch.Tensor, num_bins: int, vmin: float, vmax: float) -> torch.T
     return out.masked_fill(nan.unsqueeze(-1), float("nan"))
 
 
-@functools.lru_cache(maxsize=32)
-def _cached_centres(num_bins: int, vmin: float, vmax: float, device: torch.device,
-                    dtype: torch.dtype) -> torch.Tensor:
-    return bin_centres(num_bins, vmin, vmax, device=device).to(dtype).unsqueeze(-1)  # [K, 1]
-
-
 def two_hot_inv(logits: torch.Tensor, num_bins: int, vmin: float, vmax: float) -> torch.Tensor:
     """Decode logits to a scalar: symexp of the softmax-weighted bin centres.
-
-    The weighted sum is one matrix-vector product with the (cached) centres.
 
     Shapes: logits [..., K] -> [..., 1].
     """
     if num_bins <= 1:
         return symexp(logits)
     probs = F.softmax(logits, dim=-1)  # [..., K]
-    if torch.compiler.is_compiling():
-        centres = bin_centres(num_bins, vmin, vmax, device=logits.device).to(logits.dtype)
-        return symexp((probs * centres).sum(-1, keepdim=True))
-    return symexp(probs @ _cached_centres(num_bins, vmin, vmax, logits.device, logits.dtype))
+    centres = bin_centres(num_bins, vmin, vmax, device=logits.device).to(logits.dtype)  # [K]
+    return symexp((probs * centres).sum(-1, keepdim=True))
 
 
 def soft_ce(logits: torch.Tensor, target: torch.Tensor, num_bins: int, vmin: float,
