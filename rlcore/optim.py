@@ -76,9 +76,15 @@ def adam_step(optim: torch.optim.Adam) -> None:
             continue
         state = [optim.state[p] for p in params]
         beta1, beta2 = group["betas"]
+        # `capturable` keeps the step count on the device so a traced graph has no host
+        # sync; eager CPU Adam refuses it, and a compiled agent's step also runs eagerly
+        # (torch.compiler's force_eager stance: the benchmark's FLOP count). Both forms
+        # compute the same update.
+        capturable = group["capturable"] and (params[0].device.type != "cpu"
+                                              or torch.compiler.is_compiling())
         adam(params, [p.grad for p in params], [s["exp_avg"] for s in state],
              [s["exp_avg_sq"] for s in state], [], [s["step"] for s in state],
-             foreach=group["foreach"], fused=group["fused"], capturable=group["capturable"],
+             foreach=group["foreach"], fused=group["fused"], capturable=capturable,
              differentiable=False, has_complex=False, amsgrad=False, beta1=beta1,
              beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
              maximize=False, decoupled_weight_decay=group.get("decoupled_weight_decay", False))

@@ -209,6 +209,18 @@ def test_compiled_agent_compiles_each_graph_once():
             agent.update(make_batch(seed=i))
 
 
+def test_compiled_cpu_agent_also_updates_eagerly():
+    """The benchmark counts FLOPs with compiled code forced eager; the compiled agent's
+    Adam state (capturable, for the traced graph) must then step as eager CPU Adam."""
+    from tests.components.test_agent import make_batch
+
+    agent = _agent("cpu", **COMPILE)
+    before = [p.detach().clone() for p in agent.model.parameters()]
+    with torch.compiler.set_stance("force_eager"):
+        agent.update(make_batch(seed=0))
+    assert any(not torch.equal(a, p) for a, p in zip(before, agent.model.parameters()))
+
+
 @pytest.mark.parametrize("pathway", ["full", "actor_critic", "policy"])
 def test_acting_and_updates_trace_as_one_graph_each(pathway):
     """A whole acting call (encoder, every planning iteration, the action) and a whole
