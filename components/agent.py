@@ -85,6 +85,9 @@ class TDMPC2Agent:
             (inductor's `cpp_wrapper` option): less time between kernels, most
             visible in planning, whose graph runs a few hundred small kernels per call.
             Compiling takes longer (a C++ build per graph). Same results as `compile`.
+        model_transforms: functions applied in order to the built world model, each
+            returning the model to use: the drop-in parts of `components/accel.py`
+            (`@accel.<name>`), which a speed preset swaps in whole. None by default.
 
     Shapes: act(obs [E, *obs], is_first [E]) -> [E, A]; update(batch [T+1, B]).
     """
@@ -99,7 +102,8 @@ class TDMPC2Agent:
                  scale_tau: float = 0.01, mpc: bool = True, grad_log_every: int = 0,
                  fused_optimizer: bool = True, compile: bool = False,
                  compile_options: dict[str, Any] | None = None,
-                 cuda_graphs: bool = False, compile_cpp_wrapper: bool = False):
+                 cuda_graphs: bool = False, compile_cpp_wrapper: bool = False,
+                 model_transforms: Sequence[Callable[[nn.Module], nn.Module]] = ()):
         self.spec = spec
         self.device = torch.device(device)
         if discount is None:
@@ -109,7 +113,10 @@ class TDMPC2Agent:
         if not 0.0 < tau <= 1.0:
             raise ValueError(f"TDMPC2Agent.tau must lie in (0, 1], got {tau}")
         self.discount = float(discount)
-        self.model = world_model(spec).to(self.device)
+        self.model = world_model(spec)
+        for transform in model_transforms:
+            self.model = transform(self.model)
+        self.model = self.model.to(self.device)
         self.planner = planner(self.model, spec.action_dim, self.discount)
         self.model_loss = model_loss()
         self.policy_loss = policy_loss()

@@ -132,6 +132,7 @@ class EnsembleMLP(nn.Module):
         self.dropout = dropout
         self.zero_output = zero_output
         self.num_layers = len(self.dims) - 1
+        self.act = nn.Mish()
         for i in range(self.num_layers):
             fan_in, fan_out = self.dims[i], self.dims[i + 1]
             self.register_parameter(f"w{i}", nn.Parameter(torch.empty(num_members, fan_in, fan_out)))
@@ -179,7 +180,7 @@ class EnsembleMLP(nn.Module):
                 ln_w, ln_b = getattr(self, f"ln_w{i}"), getattr(self, f"ln_b{i}")
                 if members is not None:
                     ln_w, ln_b = ln_w[members], ln_b[members]
-                h = F.mish(F.layer_norm(h, h.shape[-1:]) * ln_w + ln_b)
+                h = self.act(F.layer_norm(h, h.shape[-1:]) * ln_w + ln_b)
         return h.reshape(m, *lead, h.shape[-1])  # [m, ..., out]
 
     def extra_repr(self) -> str:

@@ -24,6 +24,7 @@ KINDS = (
     "resets",
     "agents",
     "envs",
+    "accel",
 )
 
 _TABLE: dict[str, dict[str, Any]] = {k: {} for k in KINDS}

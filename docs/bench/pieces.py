@@ -10,11 +10,16 @@ table reports each variant's median over its blocks beside the first variant's.
     git worktree add /tmp/w9528 9528b09
     python docs/bench/pieces.py --set deleted --code /tmp/w9528 --blocks 2 \
         --out docs/bench/pieces_deleted.json
+    # two more blocks of some variants, added to a saved file
+    python docs/bench/pieces.py --set current --variants plain,fast_mish --blocks 2 \
+        --append --out docs/bench/pieces_current.json
     # the table again from a saved file
     python docs/bench/pieces.py --report docs/bench/pieces_current.json
 
 A tool for speed work, kept out of the package: the variants of the `current` set that
-are not gin presets are patches applied in the benchmark process only.
+are not gin presets are patches applied in the benchmark process only. Saved files may
+hold variants no longer defined here (`mish_one_exp`: one-exponential Mish patched into
+`F.mish`, which became `gin/presets/fast_mish.gin`); `--report` still prints them.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ SETS = {
         "cpp_wrapper": (["--gin_file=gin/presets/compile_cpp_wrapper.gin"], {}, None),
         "max_autotune": (["--gin_param=TDMPC2Agent.compile_options = "
                           "{'fallback_random': True, 'max_autotune': True}"], {}, None),
-        "mish_one_exp": ([], {}, "mish_one_exp"),
+        "fast_mish": (["--gin_file=gin/presets/fast_mish.gin"], {}, None),
         "simnorm_transposed": ([], {}, "simnorm_transposed"),
     },
     "deleted": {
@@ -60,21 +65,6 @@ OLD_ARGS = ["--breakdown_repeats=0", "--thread_repeats=0"]
 
 
 # -- patches (current code only) ----------------------------------------------------------
-def _mish_one_exp() -> None:
-    """Mish as x * n / (n + 2), n = e^x (e^x + 2): one exponential instead of exp, log1p
-    and tanh (the identity tanh(log(1 + e^x)) = n / (n + 2)). Clamped where n / (n + 2)
-    is 1 in float32."""
-    import torch
-    import torch.nn.functional as F
-
-    def mish(x, inplace=False):
-        e = torch.exp(x.clamp(max=20.0))
-        n = e * (e + 2)
-        return x * (n / (n + 2))
-
-    F.mish = mish
-
-
 def _simnorm_transposed() -> None:
     """SimNorm's softmax over each group of 8 taken along a transposed view, so that the
     innermost (vectorized) dimension is the L/8 groups instead of the 8 units."""
@@ -89,7 +79,7 @@ def _simnorm_transposed() -> None:
     SimNorm.forward = forward
 
 
-PATCHES = {"mish_one_exp": _mish_one_exp, "simnorm_transposed": _simnorm_transposed}
+PATCHES = {"simnorm_transposed": _simnorm_transposed}
 
 
 # -- running ------------------------------------------------------------------------------
@@ -140,9 +130,12 @@ def table(saved: dict) -> str:
            for n in names}
     base = med[names[0]]
     m = saved["machine"]
+    counts = {n: len(ok[n]) for n in names}
+    runs = (f"{counts[names[0]]} runs each" if len(set(counts.values())) == 1
+            else ", ".join(f"{n} {c}" for n, c in counts.items()) + " runs")
     lines = [
         f"- {m['cpu']} | {m['torch']} | {m['torch_threads']} threads | commit {m['commit']} | "
-        f"{m['date']} | set `{saved['set']}`, {saved['blocks']} alternating blocks, medians",
+        f"{m['date']} | set `{saved['set']}`, alternating blocks, medians over {runs}",
         "",
         "| variant | plan ms | update ms | plan + update ms | e2e env steps/s | vs "
         f"{names[0]} | matmul GFLOP/s |",
@@ -170,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench_arg", action="append", default=[],
                    help="a further runners.bench argument for every variant (repeatable)")
     p.add_argument("--out", help="JSON with every run")
+    p.add_argument("--append", action="store_true",
+                   help="add the blocks to the runs already in --out (same set and code)")
     p.add_argument("--report", help="print the table of a saved JSON; runs nothing")
     args = p.parse_args(argv)
     if args.report:
@@ -183,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     code = Path(args.code).resolve()
     old = args.set == "deleted"
     saved = {"set": args.set, "blocks": args.blocks, "code": str(code), "runs": {n: [] for n in names}}
+    if args.append:
+        if not args.out or not Path(args.out).exists():
+            p.error("--append needs an existing --out file")
+        saved = json.loads(Path(args.out).read_text())
+        if saved["set"] != args.set or saved["code"] != str(code):
+            p.error(f"{args.out} holds set {saved['set']} of {saved['code']}, not {args.set} of {code}")
+        saved["blocks"] += args.blocks
+        for n in names:
+            saved["runs"].setdefault(n, [])
     with tempfile.TemporaryDirectory(prefix="pieces-") as tmp:
         for block in range(args.blocks):
             for n in names:
