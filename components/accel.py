@@ -19,8 +19,8 @@ from rlcore.registry import register
 class OneExpMish(nn.Module):
     """Mish with one exponential: x * n / (n + 2), n = e^x (e^x + 2).
 
-    tanh(softplus(x)) = n / (n + 2), so this is Mish itself; PyTorch's Mish evaluates exp,
-    log1p and tanh per element, which dominates planning's elementwise work on a CPU.
+    tanh(softplus(x)) = n / (n + 2), so this is Mish itself, with one exponential per
+    element where PyTorch's Mish evaluates exp, log1p and tanh.
     Above x = 20, n / (n + 2) is 1 in float32, so the exponential is clamped there
     (no overflow, and the gradient is Mish's, 1).
     """

@@ -87,7 +87,7 @@ class TDMPC2Agent:
             Compiling takes longer (a C++ build per graph). Same results as `compile`.
         model_transforms: functions applied in order to the built world model, each
             returning the model to use: the drop-in parts of `components/accel.py`
-            (`@accel.<name>`), which a speed preset swaps in whole. None by default.
+            (`@accel.<name>`), which a speed preset swaps in whole. Empty by default.
 
     Shapes: act(obs [E, *obs], is_first [E]) -> [E, A]; update(batch [T+1, B]).
     """

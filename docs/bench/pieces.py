@@ -177,14 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown variants {unknown}; the set {args.set} has {list(variants)}")
     code = Path(args.code).resolve()
     old = args.set == "deleted"
-    saved = {"set": args.set, "blocks": args.blocks, "code": str(code), "runs": {n: [] for n in names}}
+    saved = {"set": args.set, "code": str(code), "runs": {n: [] for n in names}}
     if args.append:
         if not args.out or not Path(args.out).exists():
             p.error("--append needs an existing --out file")
         saved = json.loads(Path(args.out).read_text())
         if saved["set"] != args.set or saved["code"] != str(code):
             p.error(f"{args.out} holds set {saved['set']} of {saved['code']}, not {args.set} of {code}")
-        saved["blocks"] += args.blocks
         for n in names:
             saved["runs"].setdefault(n, [])
     with tempfile.TemporaryDirectory(prefix="pieces-") as tmp:
